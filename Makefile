@@ -79,12 +79,11 @@ integration: venv quadlet-generator build
 	  $(BIN)/pytest tests/integration
 
 molecule: venv
-	@scenarios=$$(ls molecule/*/molecule.yml 2>/dev/null | cut -d/ -f2); \
-	if [ -z "$$scenarios" ]; then \
-	  echo "make molecule: no molecule scenarios in this checkout yet"; \
-	else \
-	  for s in $$scenarios; do $(BIN)/molecule test -s $$s; done; \
-	fi
+	@found=0; for f in molecule/*/molecule.yml; do \
+	  [ -e "$$f" ] || continue; found=1; s=$${f#molecule/}; s=$${s%/molecule.yml}; \
+	  $(BIN)/molecule test -s "$$s"; \
+	done; \
+	if [ "$$found" = 0 ]; then echo "make molecule: no molecule scenarios in this checkout yet"; fi
 
 build: venv
 	mkdir -p $(BUILD)
