@@ -1,0 +1,381 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: homelab.immich contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: btrfs_nocow
+short_description: Make BTRFS directories NOCOW and tell whether NOCOW is really effective
+version_added: 0.1.0
+description:
+  - Creates a directory if needed and sets the BTRFS No_COW attribute (C(chattr +C)) on it with a
+    read-modify-write of the inode flags that keeps every other flag, then re-reads it to verify.
+  - NOCOW only applies to files created after it is set; files that already hold data stay
+    copy-on-write and the kernel silently ignores the flag on them. The module therefore reports
+    whether NOCOW is I(effective) (the directory and every entry below it have it), with a count
+    and sample of the entries that do not, and warns when it is not.
+  - With O(convert=true), a directory whose existing contents are copy-on-write is rewritten into a
+    fresh NOCOW sibling in the same parent (same subvolume), with owners, modes, times, xattrs
+    (SELinux labels, ACLs), symlinks, hard links and special files kept, verified entry by entry
+    (type, metadata, SHA-256 of contents, NOCOW on every entry), and swapped in. The old tree is
+    kept as a backup whose path is returned. Conversion refuses while any process has files open
+    there. On any failure the original directory is left as it was.
+  - On filesystems without NOCOW (ext4, xfs, tmpfs...) the directory is still created and owned as
+    asked, the attribute is skipped with a warning, or the task fails before changing anything
+    with O(on_unsupported=fail).
+options:
+  path:
+    description: The directory. Symbolic links are refused.
+    type: path
+    required: true
+  state:
+    description:
+      - V(present) sets NOCOW (creating the directory if missing); V(absent) clears the flag on the
+        directory (files already created keep theirs). The directory itself is never removed.
+    type: str
+    choices: [present, absent]
+    default: present
+  owner:
+    description: Owner (name or UID) of the directory.
+    type: str
+  group:
+    description: Group (name or GID) of the directory.
+    type: str
+  mode:
+    description: Permissions of the directory, as an octal string such as V('0700').
+    type: raw
+  recurse_check:
+    description:
+      - How many existing entries below the directory to check for NOCOW (0 skips the check).
+    type: int
+    default: 10000
+  on_unsupported:
+    description:
+      - What to do when the filesystem cannot do NOCOW. V(skip) creates and owns the directory and
+        warns; V(fail) fails before changing anything.
+    type: str
+    choices: [skip, fail]
+    default: skip
+  convert:
+    description:
+      - Rewrite existing copy-on-write contents as NOCOW (see description). Stop the services using
+        the directory first.
+    type: bool
+    default: false
+attributes:
+  check_mode:
+    support: full
+    description: Reports what would change, including a conversion, without changing anything.
+  diff_mode:
+    support: full
+    description: Shows the attribute and effectiveness before and after.
+  platform:
+    platforms: posix
+    support: full
+    description: Linux; the attribute exists on BTRFS only.
+notes:
+  - Only the Python standard library is needed on the target. Converting a directory that is
+    itself a subvolume needs the C(btrfs) command to create the replacement subvolume.
+  - NOCOW turns off BTRFS data checksums for those files; PostgreSQL's own page checksums
+    (C(initdb --data-checksums)) take their place.
+  - Snapshots of the subvolume make the next write to each shared extent copy-on-write once; keep
+    databases in a subvolume that is not snapshotted often.
+author:
+  - homelab.immich maintainers (@homelab-immich)
+"""
+
+EXAMPLES = r"""
+- name: PostgreSQL data directory, NOCOW before first use
+  homelab.immich.btrfs_nocow:
+    path: /mnt/btrfs-pool/subvol7-containers/immich/postgres
+    owner: immich
+    group: immich
+    mode: "0700"
+  register: pgdata
+
+- name: Refuse to go on when the database directory is not effectively NOCOW
+  ansible.builtin.assert:
+    that: pgdata.effective or not pgdata.supported
+    fail_msg: "{{ pgdata.cow_entries }} existing files are copy-on-write, e.g. {{ pgdata.cow_samples }}"
+
+- name: Convert an existing database directory (the database must be stopped)
+  homelab.immich.btrfs_nocow:
+    path: /mnt/btrfs-pool/subvol7-containers/immich/postgres
+    convert: true
+  register: converted
+
+- name: Require BTRFS (fail on ext4/xfs/tmpfs instead of skipping)
+  homelab.immich.btrfs_nocow:
+    path: /srv/redis
+    on_unsupported: fail
+"""
+
+RETURN = r"""
+path:
+  description: The directory.
+  returned: always
+  type: str
+exists:
+  description: Whether the directory exists (after the task; predicted in check mode).
+  returned: always
+  type: bool
+fstype:
+  description: Filesystem type from the statfs magic of the path (or its nearest existing parent).
+  returned: always
+  type: str
+  sample: btrfs
+fs_magic:
+  description: The statfs magic number.
+  returned: always
+  type: str
+  sample: "0x9123683e"
+supported:
+  description: Whether the filesystem supports NOCOW (BTRFS).
+  returned: always
+  type: bool
+nocow:
+  description: Whether the directory has the NOCOW attribute.
+  returned: always
+  type: bool
+effective:
+  description: Whether the directory and every checked entry below it are NOCOW.
+  returned: always
+  type: bool
+cow_entries:
+  description: Number of checked regular files and directories below the path without NOCOW.
+  returned: always
+  type: int
+cow_samples:
+  description: Up to 10 paths of such entries.
+  returned: always
+  type: list
+  elements: str
+checked_entries:
+  description: Number of entries checked.
+  returned: always
+  type: int
+check_complete:
+  description: False when O(recurse_check) stopped the walk before every entry was checked.
+  returned: always
+  type: bool
+flags:
+  description: The directory's attribute letters as lsattr shows them.
+  returned: always
+  type: str
+  sample: C
+is_subvolume:
+  description: Whether the path is the root of a BTRFS subvolume.
+  returned: always
+  type: bool
+subvolume:
+  description: Root directory of the subvolume holding the path.
+  returned: always
+  type: str
+compression:
+  description: Compression settings that matter for NOCOW.
+  returned: always
+  type: dict
+  contains:
+    attribute:
+      description: The directory has the C(c) attribute (conflicts with NOCOW).
+      type: bool
+    property:
+      description: The BTRFS compression property (conflicts with NOCOW).
+      type: str
+    mount_option:
+      description: The C(compress)/C(compress-force) mount option (NOCOW files are not compressed).
+      type: str
+converted:
+  description: Whether the contents were rewritten as NOCOW (or would be, in check mode).
+  returned: always
+  type: bool
+backup:
+  description: Where the old copy-on-write tree was kept after a conversion.
+  returned: when converted
+  type: str
+  sample: /mnt/pool/immich/postgres.cow-backup-20261125T120000
+"""
+
+import grp
+import os
+import pwd
+import stat
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.homelab.immich.plugins.module_utils import nocow
+
+ARGUMENT_SPEC = dict(
+    path=dict(type="path", required=True),
+    state=dict(type="str", default="present", choices=["present", "absent"]),
+    owner=dict(type="str"),
+    group=dict(type="str"),
+    mode=dict(type="raw"),
+    recurse_check=dict(type="int", default=10000),
+    on_unsupported=dict(type="str", default="skip", choices=["skip", "fail"]),
+    convert=dict(type="bool", default=False),
+)
+
+
+def resolve_ids(owner, group):
+    uid = gid = -1
+    if owner is not None:
+        if owner.isdigit():
+            uid = int(owner)
+        else:
+            try:
+                uid = pwd.getpwnam(owner).pw_uid
+            except KeyError:
+                raise nocow.NocowError("owner %r does not exist on the host; create the user first" % owner)
+    if group is not None:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise nocow.NocowError("group %r does not exist on the host; create the group first" % group)
+    return uid, gid
+
+
+def parse_mode(mode):
+    if mode is None:
+        return None
+    try:
+        value = int(mode, 8) if isinstance(mode, str) else int(mode)
+    except (TypeError, ValueError):
+        raise nocow.NocowError("mode %r is not an octal permission string such as '0700'" % (mode,))
+    if not 0 <= value <= 0o7777:
+        raise nocow.NocowError("mode %r is out of range" % (mode,))
+    return value
+
+
+def state_view(facts):
+    return dict(exists=facts["exists"], nocow=facts["nocow"], effective=facts["effective"],
+                cow_entries=facts["cow_entries"])
+
+
+def make_subvolume_with(module):
+    def make(path):
+        btrfs = module.get_bin_path("btrfs")
+        if not btrfs:
+            raise nocow.NocowError("%s must be created as a btrfs subvolume but the btrfs command is missing: "
+                                   "install btrfs-progs" % path)
+        rc, out, err = module.run_command([btrfs, "subvolume", "create", path])
+        if rc != 0:
+            raise nocow.NocowError("btrfs subvolume create %s failed: %s" % (path, (err or out).strip()))
+    return make
+
+
+def run(module):
+    p = module.params
+    path = p["path"].rstrip("/") or "/"
+    uid, gid = resolve_ids(p["owner"], p["group"])
+    mode = parse_mode(p["mode"])
+    enable = p["state"] == "present"
+    check = module.check_mode
+    warnings = []
+
+    before = nocow.inspect(path, p["recurse_check"])
+    after = dict(before)
+    result = dict(changed=False, converted=False)
+
+    if not before["supported"] and p["on_unsupported"] == "fail" and enable:
+        raise nocow.NocowError("%s is on %s, which has no NOCOW attribute (BTRFS only); nothing was changed. "
+                               "Put it on a BTRFS filesystem, or set on_unsupported: skip" % (path, before["fstype"]))
+    if before["supported"] and enable and not before["nocow"]:
+        conflict = nocow.compression_conflict(before)
+        if conflict:
+            raise nocow.NocowError(conflict + "; nothing was changed")
+
+    # 1. the directory itself
+    if not before["exists"]:
+        if not enable:
+            result.update(before)
+            return result, warnings, before, after
+        result["changed"] = True
+        after["exists"] = True
+        if not check:
+            os.makedirs(path, mode=0o755)
+            if mode is None:
+                os.chmod(path, 0o755)
+    if before["supported"] and before["nocow"] != enable:
+        result["changed"] = True
+        after["nocow"] = enable
+        if not check:
+            nocow.set_nocow(path, enable)
+
+    # 2. owner and mode (after the flag, so nothing is handed over before it is NOCOW)
+    if after["exists"]:
+        st = os.stat(path) if os.path.exists(path) else None
+        cur_mode = stat.S_IMODE(st.st_mode) if st else None
+        if mode is not None and cur_mode != mode:
+            result["changed"] = True
+            if not check:
+                os.chmod(path, mode)
+        if (uid != -1 and (st is None or st.st_uid != uid)) or (gid != -1 and (st is None or st.st_gid != gid)):
+            result["changed"] = True
+            if not check:
+                os.chown(path, uid, gid)
+
+    if not before["supported"]:
+        if enable:
+            warnings.append("%s is on %s, which has no NOCOW attribute (BTRFS only): directory handled, NOCOW skipped"
+                            % (path, before["fstype"]))
+        facts = nocow.inspect(path, p["recurse_check"]) if not check else after
+        result.update(facts)
+        return result, warnings, before, after
+
+    # 3. effectiveness and conversion
+    needs_conversion = enable and before["exists"] and before["cow_entries"] > 0
+    if needs_conversion and p["convert"]:
+        result["changed"] = True
+        result["converted"] = True
+        if check:
+            busy = nocow.open_by(path)
+            if busy:
+                warnings.append("conversion would be refused now: %s use %s"
+                                % (", ".join("%s[%d]" % (b["comm"], b["pid"]) for b in busy), path))
+            result["backup"] = nocow.conversion_names(path)[1]
+            after.update(effective=True, cow_entries=0, nocow=True)
+        else:
+            done = nocow.convert(path, make_subvolume=make_subvolume_with(module))
+            result["backup"] = done["backup"]
+            warnings.extend(done["warnings"])
+    elif check:
+        after["effective"] = after["nocow"] and before["cow_entries"] == 0 and enable
+
+    facts = after if check else nocow.inspect(path, p["recurse_check"])
+    if check:
+        facts = dict(before, **after)
+    result.update(facts)
+    if enable and result["exists"] and not result["effective"]:
+        warnings.append(
+            "NOCOW on %s is not effective: %d existing entries are copy-on-write (e.g. %s); new files get "
+            "NOCOW but these stay copy-on-write. Stop the service and run with convert: true to rewrite them"
+            % (path, result["cow_entries"], ", ".join(result["cow_samples"][:3])))
+    if not check:
+        after = facts
+    return result, warnings, before, after
+
+
+def main():
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    try:
+        result, warnings, before, after = run(module)
+    except nocow.NocowError as exc:
+        module.fail_json(msg=str(exc))
+    except OSError as exc:
+        module.fail_json(msg="%s: %s" % (type(exc).__name__, exc))
+    for w in warnings:
+        module.warn(w)
+    if module._diff:
+        result["diff"] = dict(before=state_view(before), after=state_view(after))
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
