@@ -5,7 +5,9 @@
 #   make unit        pytest unit tests (pure Python, no root needed)
 #   make integration real local tests: the trixie quadlet generator, a loop-mounted btrfs (root),
 #                    and the built collection tarball installed and documented with ansible-doc
-#   make molecule    molecule scenarios on the Debian 13 VM harness (when they exist)
+#   make molecule    molecule scenarios on Debian 13 VMs (qemu TCG): default, rootful, rocm
+#   make demo        a throwaway VM with the whole stack, deployed by site.yml (make demo-down)
+#   make bench       converge, no-op and one-variable re-run times, module calls, restarts
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -22,10 +24,10 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: help venv constraints test lint yamllint ansible-lint changelog-lint sanity unit \
-        integration molecule build quadlet-generator clean
+        integration molecule build quadlet-generator clean demo demo-down bench
 
 help:
-	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
+	@awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' Makefile
 
 $(BIN)/.stamp: requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -78,12 +80,10 @@ integration: venv quadlet-generator build
 	QUADLET_GENERATOR=$$(tests/tools/fetch-quadlet.sh) COLLECTION_TARBALL=$(CURDIR)/$(TARBALL) \
 	  $(BIN)/pytest tests/integration
 
+# Every scenario under molecule/ (or SCENARIOS="a b"), stage by stage, timed (build/timings/).
+SCENARIOS ?= $(sort $(patsubst molecule/%/molecule.yml,%,$(wildcard molecule/*/molecule.yml)))
 molecule: venv
-	@found=0; for f in molecule/*/molecule.yml; do \
-	  [ -e "$$f" ] || continue; found=1; s=$${f#molecule/}; s=$${s%/molecule.yml}; \
-	  $(BIN)/molecule test -s "$$s"; \
-	done; \
-	if [ "$$found" = 0 ]; then echo "make molecule: no molecule scenarios in this checkout yet"; fi
+	$(BIN)/python tests/vm/scenario.py $(SCENARIOS)
 
 build: venv
 	mkdir -p $(BUILD)
@@ -91,3 +91,12 @@ build: venv
 
 clean:
 	rm -rf $(BUILD) tests/output .pytest_cache
+
+demo: venv
+	$(BIN)/python tests/vm/demo.py up
+
+demo-down: venv
+	$(BIN)/python tests/vm/demo.py down
+
+bench: venv
+	$(BIN)/python tests/vm/bench.py

@@ -47,6 +47,13 @@ options:
   mode:
     description: Permissions of the directory, as an octal string such as V('0700').
     type: raw
+  enforce_ownership:
+    description:
+      - V(true) keeps O(owner), O(group) and O(mode) on the directory on every run.
+      - V(false) applies them only when the module creates the directory, for data directories
+        whose service re-owns them (PostgreSQL chowns its data directory to its own user).
+    type: bool
+    default: true
   recurse_check:
     description:
       - How many existing entries below the directory to check for NOCOW (0 skips the check).
@@ -214,6 +221,7 @@ ARGUMENT_SPEC = dict(
     owner=dict(type="str"),
     group=dict(type="str"),
     mode=dict(type="raw"),
+    enforce_ownership=dict(type="bool", default=True),
     recurse_check=dict(type="int", default=10000),
     on_unsupported=dict(type="str", default="skip", choices=["skip", "fail"]),
     convert=dict(type="bool", default=False),
@@ -309,7 +317,7 @@ def run(module):
             nocow.set_nocow(path, enable)
 
     # 2. owner and mode (after the flag, so nothing is handed over before it is NOCOW)
-    if after["exists"]:
+    if after["exists"] and (p["enforce_ownership"] or not before["exists"]):
         st = os.stat(path) if os.path.exists(path) else None
         cur_mode = stat.S_IMODE(st.st_mode) if st else None
         if mode is not None and cur_mode != mode:

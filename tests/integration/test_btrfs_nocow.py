@@ -319,3 +319,19 @@ def test_other_flags_are_kept_and_absent_clears_only_nocow(run_module, pool):
     assert rc == 0 and res["changed"] and res["nocow"] is False
     attrs = lsattr(path)
     assert "A" in attrs and "C" not in attrs
+
+
+def test_enforce_ownership_false_only_sets_owner_on_create(run_module, pool):
+    path = os.path.join(pool, "db")
+    args = {"path": path, "owner": "1000", "group": "1000", "mode": "0700", "enforce_ownership": False}
+    rc, res, out = run_module("btrfs_nocow", args)
+    assert rc == 0 and res["changed"], out
+    assert (os.stat(path).st_uid, os.stat(path).st_gid) == (1000, 1000)
+    os.chown(path, 100099, 100101)  # the service re-owns its directory (postgres in a user namespace)
+    os.chmod(path, 0o750)
+    rc, res, out = run_module("btrfs_nocow", args)
+    assert rc == 0 and res["changed"] is False, out
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (100099, 100101, 0o750)
+    rc, res, out = run_module("btrfs_nocow", dict(args, enforce_ownership=True))
+    assert res["changed"] is True and os.stat(path).st_uid == 1000

@@ -1,0 +1,71 @@
+"""Wrong inputs to site.yml are rejected by argument specs or preflight before any change.
+
+Each case runs site.yml against this machine (local connection) in check mode, as a second
+safety net, and expects the run to stop in the validation pre_tasks (or the argument-spec check
+of a role) with a message naming the problem, having changed nothing.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.dirname(sys.executable)
+
+CASES = [
+    ("version tag", {"immich_version": "latest"}, "immich_version is match"),
+    ("rootless not a bool", {"immich_rootless": "maybe"}, "immich_rootless"),
+    ("root as service user", {"immich_user": "root"}, "immich_user != 'root'"),
+    ("relative storage", {"immich_storage_root": "relative/path"}, "immich_storage_root is match"),
+    ("subnet without prefix", {"immich_app_subnet": "10.89.5.0"}, "immich_app_subnet is match"),
+    ("same directory twice", {"immich_redis_path": "/mnt/btrfs-pool/subvol7-containers/immich/postgres"}, "unique"),
+    ("nocow policy", {"immich_nocow_on_unsupported": "ignore"}, "immich_nocow_on_unsupported"),
+    ("negative free space", {"immich_min_free_gib": -1}, "immich_min_free_gib >= 0"),
+    ("short password", {"immich_db_password": "short"}, "16 or more letters and digits"),
+    ("relative archive", {"immich_image_archives": ["images.tar"]}, "immich_image_archives"),
+    ("short image name", {"immich_database_image": "postgres:14"}, "immich_database_image is match"),
+    ("memory with a space", {"immich_database_memory_max": "1 GB"}, "immich_database_memory_max is match"),
+    ("retries not a number", {"immich_database_health_retries": "three"}, "immich_database_health_retries"),
+    ("broken digest", {"immich_redis_image": "docker.io/valkey/valkey:9@sha256:abc"}, "immich_redis_image is match"),
+    ("unknown ML backend", {"immich_ml_backend": "metal"}, "immich_ml_backend"),
+    ("negative GPU memory", {"immich_ml_memory_max_gpu": "-4G"}, "immich_ml_memory_max_gpu is match"),
+    ("port out of range", {"immich_server_publish": "99999"}, r"a port \(1-65535\)"),
+    ("secret in the environment", {"immich_server_env": {"DB_PASSWORD": "hunter2hunter2"}}, "PASSWORD|SECRET"),
+    ("ML URL scheme", {"immich_server_ml_url": "ftp://ml:3003"}, "immich_server_ml_url is match"),
+    ("forced backend not present here", {"immich_ml_backend": "cuda"}, "cannot work on this host"),
+]
+
+
+@pytest.fixture(scope="module")
+def inventory(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inv")
+    inv = d / "hosts.yml"
+    inv.write_text(json.dumps({"all": {
+        "children": {"immich": {"children": {g: {"hosts": {"local": {}}} for g in
+                                             ("immich_database", "immich_redis", "immich_server", "immich_ml")}}},
+        "hosts": {"local": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}}}}))
+    return str(inv)
+
+
+@pytest.mark.parametrize("label, extra, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_variable_is_rejected_before_any_change(inventory, tmp_path, label, extra, message):
+    varfile = tmp_path / "vars.json"
+    varfile.write_text(json.dumps(extra))
+    env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1",
+               ANSIBLE_FORCE_COLOR="0")
+    proc = subprocess.run([os.path.join(BIN, "ansible-playbook"), "-i", inventory, "--check",
+                           "-e", "@%s" % varfile, os.path.join(ROOT, "site.yml")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert re.search(message, out), out[-3000:]
+    recap = out.split("PLAY RECAP")[-1]
+    assert re.search(r"changed=0\b", recap), recap
+    before_failure = out.split("fatal:")[0]
+    # stopped in the checks: no role task that changes the host ran
+    for task in ("Service user", "Storage root and library", "Write and validate every quadlet unit"):
+        assert "TASK [homelab.immich.host : %s" % task not in before_failure, task

@@ -1,0 +1,87 @@
+"""Run molecule scenarios stage by stage, always destroy, and report how long each stage took.
+
+    scenario.py NAME [NAME ...]
+
+Stages follow each scenario's test_sequence. Timings (and whether the VM image and the test
+images came from the cache) are printed as a table and written to build/timings/<name>.json.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(REPO, "tests", "images"))
+
+import build as images  # noqa: E402  (tests/images/build.py)
+import vm  # noqa: E402
+
+
+def molecule(stage, scenario):
+    cmd = [os.path.join(os.path.dirname(sys.executable), "molecule"), stage, "-s", scenario]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, check=False)
+    return proc.returncode, time.time() - t0
+
+
+def run(scenario):
+    with open(os.path.join(REPO, "molecule", scenario, "molecule.yml")) as f:
+        config = yaml.safe_load(f)
+    default = ["create", "prepare", "converge", "idempotence", "verify", "destroy"]
+    sequence = config.get("scenario", {}).get("test_sequence") or default
+    sequence = [s for s in sequence if s != "destroy"]
+    report = {"scenario": scenario, "stages": {}}
+    t0 = time.time()
+    report["vm_image_cached"] = os.path.exists(os.path.join(vm.image_dir(), "DONE"))
+    t = time.time()
+    vm.build()
+    report["stages"]["vm-image"] = round(time.time() - t, 1)
+    report["test_images_cached"] = os.path.exists(images.archive_path())
+    t = time.time()
+    images.build()
+    report["stages"]["test-images"] = round(time.time() - t, 1)
+    failed = None
+    try:
+        rc, secs = molecule("destroy", scenario)
+        for stage in sequence:
+            rc, secs = molecule(stage, scenario)
+            report["stages"][stage] = round(secs, 1)
+            if rc != 0:
+                failed = stage
+                break
+    finally:
+        rc, secs = molecule("destroy", scenario)
+        report["stages"]["destroy"] = round(secs, 1)
+    report["total"] = round(time.time() - t0, 1)
+    report["failed_stage"] = failed
+    out = os.path.join(REPO, "build", "timings")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "%s.json" % scenario), "w") as f:
+        json.dump(report, f, indent=1)
+    print("\nscenario %s: %s" % (scenario, "FAILED at %s" % failed if failed else "passed"))
+    for stage, secs in report["stages"].items():
+        print("  %-14s %7.1f s" % (stage, secs))
+    print("  %-14s %7.1f s  (VM image %s, test images %s)" % (
+        "total", report["total"], "cached" if report["vm_image_cached"] else "built",
+        "cached" if report["test_images_cached"] else "built"))
+    return failed is None
+
+
+def main(argv):
+    if not argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    ok = True
+    for scenario in argv:
+        ok = run(scenario) and ok
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

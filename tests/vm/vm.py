@@ -1,0 +1,339 @@
+"""Debian 13 (trixie) test VMs under qemu TCG: build a cached image, boot, wait for SSH, stop.
+
+    vm.py build                     build (or reuse) the cached VM image; print its directory
+    vm.py up NAME [--ssh-port N] [--forward HOST:GUEST ...] [--memory MiB] [--pool-size SIZE]
+                                    boot a throwaway VM (copy-on-write over the cached image, a
+                                    fresh BTRFS pool disk, a per-run SSH key); print its facts as JSON
+    vm.py down NAME                 stop it and remove its run directory
+    vm.py status NAME               print its facts as JSON (exit 1 when it is not running)
+
+The image is a debootstrap'd trixie tree (systemd, podman 5.4 with quadlet and its runtime
+dependencies, openssh, python3, btrfs-progs) written to an ext4 disk with `mkfs.ext4 -d` (no loop
+mount) and booted directly (-kernel/-initrd). It is cached under $HOMELAB_IMMICH_CACHE/vm/<hash>,
+the hash covering this file and the package list, so a second run skips the build. Each VM gets
+a qcow2 overlay, so the cached image is never modified. Under TCG about 1 boot in 20 dies in an
+early kernel panic: qemu runs with panic=-1 and -no-reboot, so a panicked boot exits, and it is
+retried (bounded).
+"""
+
+import argparse
+import base64
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+CACHE = os.environ.get("HOMELAB_IMMICH_CACHE") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "homelab-immich")
+RUNS = os.environ.get("HOMELAB_IMMICH_VM_RUNS") or os.path.join(REPO, "build", "vm")
+SUITE = "trixie"
+PACKAGES = [
+    # boot and init
+    "linux-image-amd64", "initramfs-tools", "systemd", "systemd-sysv", "udev", "dbus", "dbus-user-session",
+    "libpam-systemd", "systemd-container", "kmod", "procps", "iproute2",
+    # access
+    "openssh-server", "python3", "python3-apt", "sudo", "curl", "ca-certificates",
+    # podman with quadlet, rootless and its networking
+    "podman", "crun", "conmon", "netavark", "aardvark-dns", "passt", "uidmap", "nftables", "catatonit",
+    # storage
+    "btrfs-progs", "e2fsprogs", "util-linux", "psmisc",
+]
+# Kernel module trees nobody needs in a headless TCG guest; dropping them shrinks the disk a lot.
+PRUNE_MODULES = ["drivers/gpu", "drivers/media", "drivers/net/wireless", "drivers/net/ethernet",
+                 "drivers/infiniband", "drivers/staging", "drivers/iio", "drivers/bluetooth", "sound",
+                 "drivers/usb", "drivers/hid", "drivers/input", "drivers/scsi", "drivers/ata",
+                 "drivers/mmc", "drivers/isdn", "drivers/net/can", "drivers/hwmon", "drivers/platform",
+                 "drivers/thunderbolt", "drivers/nvme", "drivers/mtd", "drivers/video", "net/wireless",
+                 "net/bluetooth", "net/mac80211", "fs/ocfs2", "fs/gfs2", "fs/nfs", "fs/nfsd", "fs/ceph",
+                 "fs/smb", "fs/xfs", "fs/f2fs", "fs/jfs", "fs/nilfs2"]
+ROOT_SIZE = "6G"
+BOOT_TIMEOUT = 240
+BOOT_ATTEMPTS = 3
+
+GUEST_FILES = {
+    "etc/hostname": "immich-vm\n",
+    "etc/hosts": "127.0.0.1 localhost\n127.0.1.1 immich-vm\n",
+    "etc/fstab": "/dev/vda / ext4 rw,noatime,errors=remount-ro 0 1\n",
+    "etc/systemd/network/10-wired.network": "[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n",
+    "etc/ssh/sshd_config.d/10-test-vm.conf": "PermitRootLogin prohibit-password\nUseDNS no\nPasswordAuthentication no\n",
+    "etc/initramfs-tools/conf.d/10-test-vm": "MODULES=list\nCOMPRESS=gzip\n",
+    "etc/initramfs-tools/modules": "virtio_pci\nvirtio_blk\nvirtio_net\next4\ncrc32c_generic\n",
+    "etc/systemd/journald.conf.d/10-test-vm.conf": "[Journal]\nStorage=volatile\nRuntimeMaxUse=64M\n",
+    "etc/dpkg/dpkg.cfg.d/01-slim": "path-exclude=/usr/share/doc/*\npath-exclude=/usr/share/man/*\n"
+                                   "path-exclude=/usr/share/locale/*\npath-exclude=/usr/share/info/*\n",
+    "usr/local/sbin/homelab-ssh-key": (
+        "#!/bin/sh\n"
+        "# Install the per-run SSH key passed on the kernel command line (homelab.ssh_key=<base64>).\n"
+        "set -eu\n"
+        "for word in $(cat /proc/cmdline); do\n"
+        "  case \"$word\" in homelab.ssh_key=*) key=${word#homelab.ssh_key=} ;; esac\n"
+        "done\n"
+        "[ -n \"${key:-}\" ] || exit 0\n"
+        "install -d -m 0700 /root/.ssh\n"
+        "echo \"$key\" | base64 -d > /root/.ssh/authorized_keys\n"
+        "chmod 0600 /root/.ssh/authorized_keys\n"
+    ),
+    "etc/systemd/system/homelab-ssh-key.service": (
+        "[Unit]\nDescription=Install the test run's SSH key\nBefore=ssh.service\n\n"
+        "[Service]\nType=oneshot\nExecStart=/usr/local/sbin/homelab-ssh-key\n\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    ),
+}
+ENABLE = ["systemd-networkd.service", "homelab-ssh-key.service", "ssh.service"]
+# Podman's user units wait for the system's network-online.target (podman-user-wait-network-online),
+# so the guest must reach it: systemd-networkd-wait-online stays, and the target is wanted at boot.
+ENABLE += ["systemd-networkd-wait-online.service"]
+MASK = ["apt-daily.timer", "apt-daily-upgrade.timer", "man-db.timer", "e2scrub_all.timer", "fstrim.timer"]
+
+
+def log(msg):
+    print("vm: %s" % msg, file=sys.stderr, flush=True)
+
+
+def run(cmd, check=True, **kw):
+    return subprocess.run(cmd, check=check, **kw)
+
+
+def mirror():
+    return subprocess.run([os.path.join(REPO, "tests/tools/debian-mirror.sh")], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def image_key():
+    """Hash of everything that shapes the image (not the boot logic, which can change freely)."""
+    h = hashlib.sha256(inspect.getsource(build).encode())
+    h.update(json.dumps([SUITE, PACKAGES, PRUNE_MODULES, ROOT_SIZE, GUEST_FILES, ENABLE, MASK], sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def image_dir():
+    return os.path.join(CACHE, "vm", image_key())
+
+
+def build():
+    """Build the VM image unless the cache has it; return its directory."""
+    out = image_dir()
+    if os.path.exists(os.path.join(out, "DONE")):
+        return out
+    t0 = time.time()
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    root = os.path.join(tmp, "rootfs")
+    log("debootstrap %s (%d packages) into %s" % (SUITE, len(PACKAGES), root))
+    run(["debootstrap", "--variant=minbase", "--components=main", "--include=" + ",".join(PACKAGES),
+         SUITE, root, mirror()], stdout=subprocess.DEVNULL)
+    for rel, content in GUEST_FILES.items():
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(content)
+        if rel.startswith("usr/local/sbin/"):
+            os.chmod(path, 0o755)
+    run(["chroot", root, "systemctl", "enable"] + ENABLE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run(["chroot", root, "systemctl", "mask"] + MASK, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.makedirs(os.path.join(root, "etc/systemd/system/multi-user.target.wants"), exist_ok=True)
+    os.symlink("/usr/lib/systemd/system/network-online.target",
+               os.path.join(root, "etc/systemd/system/multi-user.target.wants/network-online.target"))
+    kver = sorted(os.listdir(os.path.join(root, "lib/modules")))[-1]
+    for rel in PRUNE_MODULES:
+        shutil.rmtree(os.path.join(root, "lib/modules", kver, "kernel", rel), ignore_errors=True)
+    run(["chroot", root, "depmod", kver])
+    run(["chroot", root, "update-initramfs", "-u", "-k", kver], stdout=subprocess.DEVNULL)
+    shutil.copy(os.path.join(root, "boot", "vmlinuz-" + kver), os.path.join(tmp, "vmlinuz"))
+    shutil.copy(os.path.join(root, "boot", "initrd.img-" + kver), os.path.join(tmp, "initrd.img"))
+    for rel in ("var/lib/apt/lists", "var/cache/apt", "usr/share/doc", "usr/share/man", "usr/share/locale",
+                "usr/share/info", "var/log/journal"):
+        path = os.path.join(root, rel)
+        if os.path.isdir(path):
+            for entry in os.listdir(path):
+                p = os.path.join(path, entry)
+                shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+    for p in ("etc/machine-id", "var/lib/dbus/machine-id"):
+        path = os.path.join(root, p)
+        if os.path.lexists(path):
+            os.unlink(path)
+    open(os.path.join(root, "etc/machine-id"), "w").close()  # systemd makes one at first boot
+    log("mkfs.ext4 -d (no loop mount) -> root.raw %s" % ROOT_SIZE)
+    run(["mkfs.ext4", "-q", "-F", "-L", "vmroot", "-d", root, os.path.join(tmp, "root.raw"), ROOT_SIZE])
+    shutil.rmtree(root)
+    with open(os.path.join(tmp, "DONE"), "w") as f:
+        json.dump({"kernel": kver, "seconds": round(time.time() - t0, 1), "packages": PACKAGES}, f)
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+    log("image built in %.0f s: %s" % (time.time() - t0, out))
+    return out
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def run_dir(name):
+    return os.path.join(RUNS, name)
+
+
+def read_state(name):
+    try:
+        with open(os.path.join(run_dir(name), "state.json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except (OSError, TypeError):
+        return False
+
+
+def ssh_base(state):
+    return ["ssh", "-i", state["identity_file"], "-p", str(state["port"]), "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5",
+            "-o", "BatchMode=yes", "root@127.0.0.1"]
+
+
+def boot_once(state, image, rd, attempt):
+    serial = os.path.join(rd, "serial-%d.log" % attempt)
+    pidfile = os.path.join(rd, "qemu.pid")
+    with open(state["identity_file"] + ".pub", "rb") as f:
+        key = base64.b64encode(f.read().strip()).decode()
+    netdev = "user,id=n0,hostfwd=tcp:127.0.0.1:%d-:22" % state["port"]
+    for host_port, guest_port in state["forwards"]:
+        netdev += ",hostfwd=tcp:127.0.0.1:%d-:%d" % (host_port, guest_port)
+    cmd = ["qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(state["cpus"]),
+           "-m", str(state["memory"]), "-display", "none", "-serial", "file:" + serial, "-monitor", "none",
+           "-no-reboot", "-daemonize", "-pidfile", pidfile,
+           "-kernel", os.path.join(image, "vmlinuz"), "-initrd", os.path.join(image, "initrd.img"),
+           "-append", "root=/dev/vda rw console=ttyS0 panic=-1 quiet systemd.show_status=0 "
+                      "net.ifnames=1 homelab.ssh_key=%s" % key,
+           "-drive", "file=%s,if=virtio,format=qcow2,cache=unsafe,discard=unmap" % os.path.join(rd, "root.qcow2"),
+           "-drive", "file=%s,if=virtio,format=raw,cache=unsafe,discard=unmap" % os.path.join(rd, "pool.raw"),
+           "-netdev", netdev, "-device", "virtio-net-pci,netdev=n0",
+           "-device", "virtio-rng-pci"]
+    for tag, path in state["shares"].items():
+        cmd += ["-virtfs", "local,path=%s,mount_tag=%s,security_model=none,readonly=on" % (path, tag)]
+    run(cmd)
+    with open(pidfile) as f:
+        pid = int(f.read().strip())
+    state["pid"] = pid
+    deadline = time.time() + BOOT_TIMEOUT
+    while time.time() < deadline:
+        if not alive(pid):
+            tail = open(serial, errors="replace").read()[-2000:]
+            return "qemu exited during boot (kernel panic?):\n" + tail
+        try:
+            text = open(serial, errors="replace").read()
+        except FileNotFoundError:
+            text = ""
+        if "Kernel panic" in text:
+            os.kill(pid, signal.SIGKILL)
+            return "kernel panic:\n" + text[-2000:]
+        probe = subprocess.run(ssh_base(state) + ["true"], capture_output=True, timeout=30, check=False)
+        if probe.returncode == 0:
+            return None
+        time.sleep(2)
+    os.kill(pid, signal.SIGKILL)
+    return "no SSH within %d s; serial console:\n%s" % (BOOT_TIMEOUT, open(serial, errors="replace").read()[-2000:])
+
+
+def up(name, ssh_port=None, forwards=(), memory=3072, cpus=2, pool_size="8G", shares=None):
+    existing = read_state(name)
+    if existing and alive(existing.get("pid")):
+        return existing
+    image = build()
+    rd = run_dir(name)
+    shutil.rmtree(rd, ignore_errors=True)
+    os.makedirs(rd)
+    key = os.path.join(rd, "id_ed25519")
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "homelab-immich-test-%s" % name, "-f", key])
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", os.path.join(image, "root.raw"),
+         os.path.join(rd, "root.qcow2")])
+    run(["truncate", "-s", pool_size, os.path.join(rd, "pool.raw")])
+    state = dict(name=name, address="127.0.0.1", user="root", port=ssh_port or free_port(), identity_file=key,
+                 forwards=[[h or free_port(), g] for h, g in forwards], memory=memory, cpus=cpus, image=image, run_dir=rd,
+                 shares=dict(shares or {}), pool_disk="/dev/vdb", attempts=[])
+    t0 = time.time()
+    for attempt in range(1, BOOT_ATTEMPTS + 1):
+        problem = boot_once(state, image, rd, attempt)
+        state["attempts"].append(problem or "ok")
+        if problem is None:
+            break
+        log("boot attempt %d failed: %s" % (attempt, problem.splitlines()[0]))
+        if attempt == BOOT_ATTEMPTS:
+            raise SystemExit("VM %s did not boot in %d attempts; last: %s" % (name, BOOT_ATTEMPTS, problem))
+        # a fresh overlay: a half-booted run may have written to it
+        os.unlink(os.path.join(rd, "root.qcow2"))
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", os.path.join(image, "root.raw"),
+             os.path.join(rd, "root.qcow2")])
+    state["boot_seconds"] = round(time.time() - t0, 1)
+    with open(os.path.join(rd, "state.json"), "w") as f:
+        json.dump(state, f, indent=2)
+    log("VM %s up in %.0f s (ssh -p %d root@127.0.0.1)" % (name, state["boot_seconds"], state["port"]))
+    return state
+
+
+def down(name):
+    state = read_state(name)
+    if state and alive(state.get("pid")):
+        os.kill(state["pid"], signal.SIGTERM)
+        for _attempt in range(50):
+            if not alive(state["pid"]):
+                break
+            time.sleep(0.1)
+        if alive(state["pid"]):
+            os.kill(state["pid"], signal.SIGKILL)
+    shutil.rmtree(run_dir(name), ignore_errors=True)
+
+
+def parse_forward(text):
+    host, guest = text.split(":")
+    return int(host), int(guest)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("build")
+    p = sub.add_parser("up")
+    p.add_argument("name")
+    p.add_argument("--ssh-port", type=int)
+    p.add_argument("--forward", action="append", default=[], type=parse_forward,
+                   help="HOST:GUEST tcp port on 127.0.0.1 (HOST 0: any free port)")
+    p.add_argument("--memory", type=int, default=3072)
+    p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--pool-size", default="8G")
+    p.add_argument("--share", action="append", default=[], help="TAG=DIR exported read-only over virtio-9p")
+    for n in ("down", "status"):
+        sub.add_parser(n).add_argument("name")
+    args = ap.parse_args(argv)
+    if args.cmd == "build":
+        print(build())
+    elif args.cmd == "up":
+        shares = dict(s.split("=", 1) for s in args.share)
+        print(json.dumps(up(args.name, args.ssh_port, args.forward, args.memory, args.cpus, args.pool_size, shares)))
+    elif args.cmd == "down":
+        down(args.name)
+    elif args.cmd == "status":
+        state = read_state(args.name)
+        print(json.dumps(state))
+        return 0 if state and alive(state.get("pid")) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
