@@ -54,6 +54,12 @@ options:
         whose service re-owns them (PostgreSQL chowns its data directory to its own user).
     type: bool
     default: true
+  require_effective:
+    description:
+      - Fail, changing nothing, when NOCOW would not be effective because existing entries are
+        copy-on-write and O(convert) is false (instead of setting the flag and warning).
+    type: bool
+    default: false
   recurse_check:
     description:
       - How many existing entries below the directory to check for NOCOW (0 skips the check).
@@ -222,6 +228,7 @@ ARGUMENT_SPEC = dict(
     group=dict(type="str"),
     mode=dict(type="raw"),
     enforce_ownership=dict(type="bool", default=True),
+    require_effective=dict(type="bool", default=False),
     recurse_check=dict(type="int", default=10000),
     on_unsupported=dict(type="str", default="skip", choices=["skip", "fail"]),
     convert=dict(type="bool", default=False),
@@ -294,6 +301,12 @@ def run(module):
     if not before["supported"] and p["on_unsupported"] == "fail" and enable:
         raise nocow.NocowError("%s is on %s, which has no NOCOW attribute (BTRFS only); nothing was changed. "
                                "Put it on a BTRFS filesystem, or set on_unsupported: skip" % (path, before["fstype"]))
+    if (p["require_effective"] and enable and before["supported"] and before["cow_entries"] > 0
+            and not p["convert"]):
+        raise nocow.NocowError(
+            "%s holds %d copy-on-write entries (e.g. %s), so NOCOW would not be effective; nothing was changed. "
+            "Stop the service and set convert: true to rewrite them as NOCOW, or move them away"
+            % (path, before["cow_entries"], ", ".join(before["cow_samples"][:3])))
     if before["supported"] and enable and not before["nocow"]:
         conflict = nocow.compression_conflict(before)
         if conflict:

@@ -36,6 +36,7 @@ CASES = [
     ("port out of range", {"immich_server_publish": "99999"}, r"a port \(1-65535\)"),
     ("secret in the environment", {"immich_server_env": {"DB_PASSWORD": "hunter2hunter2"}}, "PASSWORD|SECRET"),
     ("ML URL scheme", {"immich_server_ml_url": "ftp://ml:3003"}, "immich_server_ml_url is match"),
+    ("Traefik without a host", {"immich_server_traefik": True}, "immich_server_traefik_host is match"),
     ("forced backend not present here", {"immich_ml_backend": "cuda"}, "cannot work on this host"),
 ]
 

@@ -335,3 +335,17 @@ def test_enforce_ownership_false_only_sets_owner_on_create(run_module, pool):
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (100099, 100101, 0o750)
     rc, res, out = run_module("btrfs_nocow", dict(args, enforce_ownership=True))
     assert res["changed"] is True and os.stat(path).st_uid == 1000
+
+
+def test_require_effective_fails_before_changing_anything(run_module, pool):
+    path = os.path.join(pool, "postgres")
+    make_tree(path)
+    manifest, flags = nocow.tree_manifest(path), lsattr(path)
+    rc, res, out = run_module("btrfs_nocow", {"path": path, "require_effective": True})
+    assert rc != 0 and "would not be effective; nothing was changed" in res["msg"] and "convert: true" in res["msg"]
+    assert nocow.tree_manifest(path) == manifest and lsattr(path) == flags
+    rc, res, out = run_module("btrfs_nocow", {"path": path, "require_effective": True, "convert": True})
+    assert rc == 0 and res["converted"] and res["effective"], out
+    empty = os.path.join(pool, "fresh")
+    rc, res, out = run_module("btrfs_nocow", {"path": empty, "require_effective": True})
+    assert rc == 0 and res["effective"], out

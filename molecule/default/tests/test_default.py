@@ -98,6 +98,18 @@ def test_data_directories_are_effectively_nocow(host, directory, minimum):
     assert cow == [], cow[:5]
 
 
+def test_traefik_labels_when_enabled(host):
+    labels = json.loads(podman(host, "inspect immich_server --format '{{json .Config.Labels}}'").stdout)
+    if ROOTLESS:  # the default scenario leaves Traefik off
+        assert not any(k.startswith("traefik.") for k in labels)
+        return
+    assert labels["traefik.enable"] == "true"
+    assert labels["traefik.http.routers.immich.rule"] == "Host(`photos.example.test`)"
+    assert labels["traefik.http.routers.immich.tls.certresolver"] == "letsencrypt"
+    assert labels["traefik.http.services.immich.loadbalancer.server.port"] == "2283"
+    assert labels["traefik.docker.network"] == "systemd-reverse_proxy"
+
+
 def test_services_wrote_their_data(host):
     assert host.file("%s/ml-cache/standin/started" % STORAGE).exists
     assert host.file("%s/library/.immich-standin-check" % STORAGE).exists
@@ -129,8 +141,10 @@ def test_database_has_vector_and_checksums(host):
 def test_password_is_only_in_the_secret(host):
     secret = podman(host, "secret inspect --showsecret --format '{{.SecretData}}' immich-db-password").stdout.strip()
     assert re.match(r"^[A-Za-z0-9]{32}$", secret)
-    for unit in host.run("ls %s" % UNIT_DIR).stdout.split():
-        assert secret not in host.file("%s/%s" % (UNIT_DIR, unit)).content_string
+    units = host.run("find %s -maxdepth 2 -type f" % UNIT_DIR).stdout.split()
+    assert len(units) >= 6
+    for unit in units:
+        assert secret not in host.file(unit).content_string
     for container in ("immich_postgres", "immich_server"):
         assert secret not in podman(host, "inspect %s" % container).stdout
     assert secret not in host.run("journalctl --no-pager -q").stdout
