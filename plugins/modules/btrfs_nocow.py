@@ -28,9 +28,38 @@ description:
     with O(on_unsupported=fail).
 options:
   path:
-    description: The directory. Symbolic links are refused.
+    description:
+      - The directory. Symbolic links are refused.
+      - Mutually exclusive with O(directories); one of them is required.
     type: path
-    required: true
+  directories:
+    description:
+      - Several directories in one call (one round trip). Each entry takes O(path) and optionally
+        O(owner), O(group), O(mode), O(enforce_ownership) and O(require_effective); the other options
+        apply to all. Every entry is checked before any is changed, so a failing entry leaves all
+        of them unchanged.
+    type: list
+    elements: dict
+    suboptions:
+      path:
+        description: The directory.
+        type: path
+        required: true
+      owner:
+        description: As O(owner).
+        type: str
+      group:
+        description: As O(group).
+        type: str
+      mode:
+        description: As O(mode).
+        type: raw
+      enforce_ownership:
+        description: As O(enforce_ownership); unset means the top-level value.
+        type: bool
+      require_effective:
+        description: As O(require_effective); unset means the top-level value.
+        type: bool
   state:
     description:
       - V(present) sets NOCOW (creating the directory if missing); V(absent) clears the flag on the
@@ -120,6 +149,16 @@ EXAMPLES = r"""
     convert: true
   register: converted
 
+- name: Database, Redis and ML cache directories in one round trip
+  homelab.immich.btrfs_nocow:
+    directories:
+      - {path: /srv/immich/postgres, mode: "0700", require_effective: true}
+      - {path: /srv/immich/redis, mode: "0750"}
+      - {path: /srv/immich/ml-cache, mode: "0750"}
+    owner: immich
+    group: immich
+    enforce_ownership: false
+
 - name: Require BTRFS (fail on ext4/xfs/tmpfs instead of skipping)
   homelab.immich.btrfs_nocow:
     path: /srv/redis
@@ -127,6 +166,11 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+directories:
+  description: With O(directories), one entry per directory holding the facts below.
+  returned: when O(directories) is given
+  type: list
+  elements: dict
 path:
   description: The directory.
   returned: always
@@ -221,8 +265,18 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.homelab.immich.plugins.module_utils import nocow
 
-ARGUMENT_SPEC = dict(
+DIRECTORY_OPTIONS = dict(
     path=dict(type="path", required=True),
+    owner=dict(type="str"),
+    group=dict(type="str"),
+    mode=dict(type="raw"),
+    enforce_ownership=dict(type="bool"),
+    require_effective=dict(type="bool"),
+)
+
+ARGUMENT_SPEC = dict(
+    path=dict(type="path"),
+    directories=dict(type="list", elements="dict", options=DIRECTORY_OPTIONS),
     state=dict(type="str", default="present", choices=["present", "absent"]),
     owner=dict(type="str"),
     group=dict(type="str"),
@@ -285,13 +339,12 @@ def make_subvolume_with(module):
     return make
 
 
-def run(module):
-    p = module.params
+def run_one(module, p, check):
+    """Make one directory right (or, with check, say what would change); returns facts."""
     path = p["path"].rstrip("/") or "/"
     uid, gid = resolve_ids(p["owner"], p["group"])
     mode = parse_mode(p["mode"])
     enable = p["state"] == "present"
-    check = module.check_mode
     warnings = []
 
     before = nocow.inspect(path, p["recurse_check"])
@@ -383,10 +436,42 @@ def run(module):
     return result, warnings, before, after
 
 
+def entry_params(params, entry):
+    merged = dict(params)
+    for key, value in entry.items():
+        if value is not None:
+            merged[key] = value
+    return merged
+
+
+def run(module):
+    """Returns (result, warnings, diffs)."""
+    p = module.params
+    if not p["directories"]:
+        result, warnings, before, after = run_one(module, p, module.check_mode)
+        return result, warnings, [dict(before=state_view(before), after=state_view(after))]
+    entries = [entry_params(p, e) for e in p["directories"]]
+    paths = [e["path"].rstrip("/") for e in entries]
+    if len(set(paths)) != len(paths):
+        raise nocow.NocowError("a directory is listed twice in directories: %s" % ", ".join(paths))
+    if not module.check_mode:
+        for e in entries:  # every check first: a failing entry leaves all of them unchanged
+            run_one(module, e, True)
+    results, warnings, diffs = [], [], []
+    for e in entries:
+        result, w, before, after = run_one(module, e, module.check_mode)
+        results.append(result)
+        warnings.extend(w)
+        diffs.append(dict(before_header=e["path"], after_header=e["path"],
+                          before=state_view(before), after=state_view(after)))
+    return dict(changed=any(r["changed"] for r in results), directories=results), warnings, diffs
+
+
 def main():
-    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, mutually_exclusive=[("path", "directories")],
+                           required_one_of=[("path", "directories")], supports_check_mode=True)
     try:
-        result, warnings, before, after = run(module)
+        result, warnings, diffs = run(module)
     except nocow.NocowError as exc:
         module.fail_json(msg=str(exc))
     except OSError as exc:
@@ -394,7 +479,7 @@ def main():
     for w in warnings:
         module.warn(w)
     if module._diff:
-        result["diff"] = dict(before=state_view(before), after=state_view(after))
+        result["diff"] = diffs if module.params["directories"] else diffs[0]
     module.exit_json(**result)
 
 

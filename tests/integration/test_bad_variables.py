@@ -68,5 +68,5 @@ def test_bad_variable_is_rejected_before_any_change(inventory, tmp_path, label, 
     assert re.search(r"changed=0\b", recap), recap
     before_failure = out.split("fatal:")[0]
     # stopped in the checks: no role task that changes the host ran
-    for task in ("Service user", "Storage root and library", "Write and validate every quadlet unit"):
+    for task in ("Service user", "Library", "Write and validate every quadlet unit"):
         assert "TASK [homelab.immich.host : %s" % task not in before_failure, task

@@ -349,3 +349,27 @@ def test_require_effective_fails_before_changing_anything(run_module, pool):
     empty = os.path.join(pool, "fresh")
     rc, res, out = run_module("btrfs_nocow", {"path": empty, "require_effective": True})
     assert rc == 0 and res["effective"], out
+
+
+def test_directories_in_one_call_all_checked_before_any_change(run_module, pool):
+    cow = os.path.join(pool, "postgres")
+    make_tree(cow)
+    manifest, flags = nocow.tree_manifest(cow), lsattr(cow)
+    dirs = [{"path": os.path.join(pool, "redis"), "mode": "0750"},
+            {"path": cow, "mode": "0700", "require_effective": True},
+            {"path": os.path.join(pool, "ml-cache")}]
+    rc, res, out = run_module("btrfs_nocow", {"directories": dirs, "owner": "1000", "group": "1000"})
+    assert rc != 0 and "would not be effective; nothing was changed" in res["msg"]
+    assert not os.path.exists(os.path.join(pool, "redis")), "an earlier entry must not be created either"
+    assert nocow.tree_manifest(cow) == manifest and lsattr(cow) == flags
+    dirs[1] = {"path": os.path.join(pool, "db"), "mode": "0700", "require_effective": True}
+    rc, res, out = run_module("btrfs_nocow", {"directories": dirs, "owner": "1000", "group": "1000"}, diff=True)
+    assert rc == 0 and res["changed"], out
+    assert [d["path"] for d in res["directories"]] == [d["path"] for d in dirs]
+    assert all(d["effective"] and d["nocow"] for d in res["directories"])
+    assert stat.S_IMODE(os.stat(dirs[1]["path"]).st_mode) == 0o700
+    assert os.stat(dirs[2]["path"]).st_uid == 1000
+    rc, res, out = run_module("btrfs_nocow", {"directories": dirs, "owner": "1000", "group": "1000"})
+    assert rc == 0 and res["changed"] is False
+    rc, res, out = run_module("btrfs_nocow", {"directories": dirs + [dirs[0]]})
+    assert rc != 0 and "listed twice" in res["msg"]

@@ -53,13 +53,35 @@ def run_site(state, tmp, extra, label):
         raise SystemExit("bench: %s run failed" % label)
     with open(out) as f:
         records = json.load(f)
+    keep = os.path.join(REPO, "build", "bench")
+    os.makedirs(keep, exist_ok=True)
+    with open(os.path.join(keep, label + ".json"), "w") as f:
+        json.dump(records, f, indent=1)
     remote = [r for r in records if r["status"] != "skipped" and r["action"] not in CONTROLLER_ACTIONS]
     restarts = [r["msg"] for r in records if r["task"].endswith("Schedule the restarts") and r["status"] == "ok"]
     return {"seconds": round(seconds, 1), "tasks": len(records), "changed": sum(r["changed"] for r in records),
             "module_calls": len(remote), "restarted": restarts[0].replace("restarting ", "").split(", ") if restarts else []}
 
 
+def noop_only():
+    """Re-measure the no-op run on a VM kept by --keep (for tuning); prints the slowest tasks."""
+    state = vm.read_state(NAME)
+    if not state:
+        raise SystemExit("bench: no kept VM; run 'bench.py --keep' first")
+    with tempfile.TemporaryDirectory() as tmp:
+        demo.write_inventory(state, tmp)
+        result = run_site(state, tmp, dict(demo.OFFLINE_VARS), "noop")
+    with open(os.path.join(REPO, "build", "bench", "noop.json")) as f:
+        records = json.load(f)
+    print("no-op: %(seconds).1f s, %(tasks)d tasks, %(module_calls)d module calls, %(changed)d changed" % result)
+    for r in sorted(records, key=lambda r: -r["seconds"])[:15]:
+        print("  %6.2f s  %-8s %-32s %s" % (r["seconds"], r["status"], r["action"][-32:], r["task"][:70]))
+    return 0
+
+
 def main():
+    if "--noop-only" in sys.argv:
+        return noop_only()
     archive = images.build()
     t0 = time.time()
     state = vm.up(NAME, forwards=[(0, 2283)], memory=4096, shares={"images": os.path.dirname(archive)})
@@ -73,7 +95,8 @@ def main():
             report["noop"] = run_site(state, tmp, extra, "noop")
             report["one_variable"] = run_site(state, tmp, dict(extra, immich_redis_memory_max="600M"), "one-variable")
     finally:
-        vm.down(NAME)
+        if "--keep" not in sys.argv:
+            vm.down(NAME)
     report["reference_noop_seconds"] = REFERENCE_NOOP
     report["noop_ratio"] = round(report["noop"]["seconds"] / REFERENCE_NOOP, 2)
     os.makedirs(os.path.join(REPO, "build"), exist_ok=True)

@@ -52,15 +52,21 @@ def banner(lines):
     print("*" * width + "\n", flush=True)
 
 
-def playbook(state, playbook_path, extra, inventory_dir):
+def write_inventory(state, inventory_dir):
     inv = os.path.join(inventory_dir, "hosts.yml")
     with open(inv, "w") as f:
         json.dump({"all": {"children": {"immich": {"children": {
             g: {"hosts": {NAME: {}}} for g in ("immich_database", "immich_redis", "immich_server", "immich_ml")}}},
             "hosts": {NAME: {"ansible_host": "127.0.0.1", "ansible_port": state["port"], "ansible_user": "root",
+                             "ansible_python_interpreter": "/usr/bin/python3",
                              "ansible_ssh_private_key_file": state["identity_file"],
                              "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"}}}},
             f)
+    return inv
+
+
+def playbook(state, playbook_path, extra, inventory_dir):
+    inv = write_inventory(state, inventory_dir)
     varfile = os.path.join(inventory_dir, "vars.json")
     with open(varfile, "w") as f:
         json.dump(extra, f)
