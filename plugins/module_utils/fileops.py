@@ -10,6 +10,17 @@ import stat
 import tempfile
 
 
+def parse_mode(value):
+    """An octal permission given as a string ('0644') or an int; ValueError says what is wrong."""
+    try:
+        mode = int(value, 8) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        raise ValueError("mode %r is not an octal permission string such as '0644'" % (value,))
+    if not 0 <= mode <= 0o7777:
+        raise ValueError("mode %r is out of range" % (value,))
+    return mode
+
+
 def read_bytes(path):
     """Return the file's bytes, or None if it does not exist."""
     try:

@@ -597,7 +597,8 @@ def _render_plan(facts, plan, gpus, rootless, label):
     return None
 
 
-def _ml_openvino(facts, plan, rootless):
+def _intel_render(facts, plan, rootless):
+    """OpenVINO (ML) and QuickSync (transcoding) both need an Intel i915/xe render node."""
     intel = _real_gpus(facts, "0x8086", ("i915", "xe"))
     if not intel:
         return "no Intel GPU with the i915 or xe driver found"
@@ -654,13 +655,6 @@ def _tc_nvenc(facts, plan, rootless):
     return _nvidia_common(facts, plan, need_version=False)
 
 
-def _tc_quicksync(facts, plan, rootless):
-    intel = _real_gpus(facts, "0x8086", ("i915", "xe"))
-    if not intel:
-        return "no Intel GPU with the i915 or xe driver found"
-    return _render_plan(facts, plan, intel, rootless, _gpu_label(intel[0]))
-
-
 def _tc_vaapi(facts, plan, rootless):
     gpus = _real_gpus(facts, "0x1002", ("amdgpu", "radeon")) or _real_gpus(facts, "0x8086", ("i915", "xe"))
     if not gpus:
@@ -686,9 +680,9 @@ def _tc_none(facts, plan, rootless):
     return None
 
 
-ML_CHECKS = {"cuda": _ml_cuda, "rocm": _ml_rocm, "openvino": _ml_openvino, "rknn": _ml_rknn,
+ML_CHECKS = {"cuda": _ml_cuda, "rocm": _ml_rocm, "openvino": _intel_render, "rknn": _ml_rknn,
              "armnn": _ml_armnn, "cpu": _ml_cpu}
-TC_CHECKS = {"nvenc": _tc_nvenc, "quicksync": _tc_quicksync, "vaapi": _tc_vaapi, "rkmpp": _tc_rkmpp,
+TC_CHECKS = {"nvenc": _tc_nvenc, "quicksync": _intel_render, "vaapi": _tc_vaapi, "rkmpp": _tc_rkmpp,
              "none": _tc_none}
 
 

@@ -263,6 +263,7 @@ import stat
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.homelab.immich.plugins.module_utils import fileops
 from ansible_collections.homelab.immich.plugins.module_utils import nocow
 
 DIRECTORY_OPTIONS = dict(
@@ -314,12 +315,9 @@ def parse_mode(mode):
     if mode is None:
         return None
     try:
-        value = int(mode, 8) if isinstance(mode, str) else int(mode)
-    except (TypeError, ValueError):
-        raise nocow.NocowError("mode %r is not an octal permission string such as '0700'" % (mode,))
-    if not 0 <= value <= 0o7777:
-        raise nocow.NocowError("mode %r is out of range" % (mode,))
-    return value
+        return fileops.parse_mode(mode)
+    except ValueError as exc:
+        raise nocow.NocowError(str(exc))
 
 
 def state_view(facts):

@@ -353,12 +353,9 @@ ARGUMENT_SPEC = dict(
 
 def parse_mode(value):
     try:
-        mode = int(value, 8) if isinstance(value, str) else int(value)
-    except (TypeError, ValueError):
-        raise q.QuadletError("mode %r is not an octal permission string such as '0644'" % (value,))
-    if not 0 <= mode <= 0o7777:
-        raise q.QuadletError("mode %r is out of range" % (value,))
-    return mode
+        return fileops.parse_mode(value)
+    except ValueError as exc:
+        raise q.QuadletError(str(exc))
 
 
 def normalise_units(params):
