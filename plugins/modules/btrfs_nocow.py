@@ -397,8 +397,9 @@ def run_one(module, p, check):
         if enable:
             warnings.append("%s is on %s, which has no NOCOW attribute (BTRFS only): directory handled, NOCOW skipped"
                             % (path, before["fstype"]))
-        facts = nocow.inspect(path, p["recurse_check"]) if not check else after
-        result.update(facts)
+        if not check:
+            after = nocow.inspect(path, p["recurse_check"])
+        result.update(after)
         return result, warnings, before, after
 
     # 3. effectiveness and conversion
@@ -420,17 +421,14 @@ def run_one(module, p, check):
     elif check:
         after["effective"] = after["nocow"] and before["cow_entries"] == 0 and enable
 
-    facts = after if check else nocow.inspect(path, p["recurse_check"])
-    if check:
-        facts = dict(before, **after)
-    result.update(facts)
+    if not check:
+        after = nocow.inspect(path, p["recurse_check"])
+    result.update(after)
     if enable and result["exists"] and not result["effective"]:
         warnings.append(
             "NOCOW on %s is not effective: %d existing entries are copy-on-write (e.g. %s); new files get "
             "NOCOW but these stay copy-on-write. Stop the service and run with convert: true to rewrite them"
             % (path, result["cow_entries"], ", ".join(result["cow_samples"][:3])))
-    if not check:
-        after = facts
     return result, warnings, before, after
 
 
