@@ -81,7 +81,7 @@ unit: venv
 	$(BIN)/pytest tests/unit
 
 integration: deps venv quadlet-generator build
-	QUADLET_GENERATOR=$$(tests/tools/fetch-quadlet.sh) COLLECTION_TARBALL=$(CURDIR)/$(TARBALL) \
+	QUADLET_GENERATOR=$$(tests/tools/fetch-quadlet.sh) PROMTOOL=$$(tests/tools/fetch-promtool.sh) COLLECTION_TARBALL=$(CURDIR)/$(TARBALL) \
 	  $(BIN)/pytest tests/integration
 
 # Every scenario under molecule/ (or SCENARIOS="a b"), stage by stage, timed (build/timings/).

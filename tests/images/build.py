@@ -8,6 +8,8 @@ Images (test images only; no role uses them by default):
     localhost/homelab-immich-test/valkey:8               Valkey from Debian
     localhost/homelab-immich-test/immich-server:standin  contract stand-in for immich-server
     localhost/homelab-immich-test/immich-machine-learning:standin  contract stand-in for immich-ml
+    localhost/homelab-immich-test/postgres-exporter:0.17             Prometheus postgres_exporter from Debian
+    localhost/homelab-immich-test/redis-exporter:1.69                Prometheus redis_exporter from Debian
 
 They share one base layer (debootstrap minbase + python3, slimmed: no docs, locales, apt lists),
 so a VM imports it once; each image adds one small layer, computed as the upper directory of an
@@ -96,6 +98,26 @@ IMAGES = [
             "Volumes": {"/cache": {}}, "WorkingDir": "/usr/src",
             "Healthcheck": {"Test": ["CMD", "python3", "healthcheck.py"]},
             "Labels": {"org.opencontainers.image.title": "immich-machine-learning contract stand-in (tests only)"},
+        },
+    },
+    {
+        # the upstream image (quay.io/prometheuscommunity/postgres-exporter) runs /bin/postgres_exporter as nobody
+        "name": "postgres-exporter:0.17",
+        "packages": ["prometheus-postgres-exporter"],
+        "remove": ["etc/default/prometheus-postgres-exporter"],
+        "config": {
+            "Env": ["PATH=" + PATH], "Entrypoint": ["/usr/bin/prometheus-postgres-exporter"],
+            "User": "65534:65534", "ExposedPorts": {"9187/tcp": {}},
+        },
+    },
+    {
+        # the upstream image (oliver006/redis_exporter) runs /redis_exporter as 59000
+        "name": "redis-exporter:1.69",
+        "packages": ["prometheus-redis-exporter"],
+        "remove": ["etc/default/prometheus-redis-exporter"],
+        "config": {
+            "Env": ["PATH=" + PATH], "Entrypoint": ["/usr/bin/prometheus-redis-exporter"],
+            "User": "59000:59000", "ExposedPorts": {"9121/tcp": {}},
         },
     },
 ]

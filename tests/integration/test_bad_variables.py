@@ -37,6 +37,14 @@ CASES = [
     ("secret in the environment", {"immich_server_env": {"DB_PASSWORD": "hunter2hunter2"}}, "PASSWORD|SECRET"),
     ("ML URL scheme", {"immich_server_ml_url": "ftp://ml:3003"}, "immich_server_ml_url is match"),
     ("Traefik without a host", {"immich_server_traefik": True}, "immich_server_traefik_host is match"),
+    ("rate limit burst zero", {"immich_server_traefik_ratelimit_burst": 0}, "immich_server_traefik_ratelimit_burst >= 1"),
+    ("unknown telemetry group", {"immich_server_telemetry_include": "api,disk"}, "immich_server_telemetry_include is match"),
+    ("trusted proxy not an address", {"immich_server_trusted_proxies": ["proxy.lan"]}, "immich_server_trusted_proxies"),
+    ("exporter image unqualified", {"immich_monitoring_postgres_exporter_image": "postgres-exporter"},
+     "immich_monitoring_postgres_exporter_image is match"),
+    ("exporter published on a name", {"immich_monitoring_redis_exporter_publish": "lan:9121"}, "immich_monitoring_redis_exporter_publish"),
+    ("memory alert ratio above 1", {"immich_monitoring_memory_ratio": 1.5}, "immich_monitoring_memory_ratio"),
+    ("alert duration in systemd syntax", {"immich_monitoring_pool_for": "15min"}, "immich_monitoring_pool_for"),
     ("forced backend not present here", {"immich_ml_backend": "cuda"}, "cannot work on this host"),
 ]
 
