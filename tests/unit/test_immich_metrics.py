@@ -33,11 +33,13 @@ MemoryMax=infinity
 
 PS = ("immich_postgres\trunning\tUp 3 minutes (healthy)\n"
       "immich_machine_learning\trunning\tUp 10 seconds (starting)\n"
-      "immich_redis\texited\tExited (137) 2 seconds ago\n")
+      "immich_redis\texited\tExited (137) 2 seconds ago\n"
+      "immich_postgres_exporter\trunning\tUp 5 minutes\n")
 
 SERVICES = [("immich-database.service", "immich_postgres"),
             ("immich-machine-learning.service", "immich_machine_learning"),
-            ("immich-redis.service", "immich_redis")]
+            ("immich-redis.service", "immich_redis"),
+            ("immich-postgres-exporter.service", "immich_postgres_exporter")]
 
 
 def samples(text):
@@ -57,7 +59,7 @@ def test_parse_show_keys_units_by_id(m):
 
 def test_parse_ps_health_only_when_running_and_healthy(m):
     assert m.parse_ps(PS) == {"immich_postgres": (True, True), "immich_machine_learning": (True, False),
-                              "immich_redis": (False, False)}
+                              "immich_redis": (False, False), "immich_postgres_exporter": (True, None)}
     assert m.parse_ps("garbage line\n") == {}
 
 
@@ -82,6 +84,10 @@ def test_render_every_metric_with_service_labels(m):
     assert s['immich_container_healthy{service="immich-database"}'] == 1
     assert s['immich_container_healthy{service="immich-machine-learning"}'] == 0
     assert s['immich_container_running{service="immich-redis"}'] == 0
+    assert s['immich_container_healthy{service="immich-redis"}'] == 0
+    # running without a health check: running, and no health reported at all
+    assert s['immich_container_running{service="immich-postgres-exporter"}'] == 1
+    assert 'immich_container_healthy{service="immich-postgres-exporter"}' not in s
     assert s['immich_pool_size_bytes{path="/pool"}'] == 1000
     assert s['immich_pool_avail_bytes{path="/pool"}'] == 250
     assert s["immich_metrics_errors"] == 0
@@ -114,7 +120,7 @@ def test_collect_counts_failures_and_reads_the_filesystem(m, monkeypatch, tmp_pa
     s = samples(m.collect(SERVICES, str(tmp_path)))
     assert s["immich_metrics_errors"] == 1  # podman failed
     assert s['immich_pool_size_bytes{path="%s"}' % tmp_path] > 0
-    assert calls[0][0][:2] == ["systemctl", "show"] and calls[0][0][-3:] == [svc for svc, _c in SERVICES]
+    assert calls[0][0][:2] == ["systemctl", "show"] and calls[0][0][-4:] == [svc for svc, _c in SERVICES]
     assert calls[1][0][:3] == ["podman", "ps", "-a"]
     s = samples(m.collect(SERVICES, str(tmp_path / "missing")))
     assert s["immich_metrics_errors"] == 2

@@ -37,6 +37,11 @@ def run(scenario):
     sequence = config.get("scenario", {}).get("test_sequence") or default
     sequence = [s for s in sequence if s != "destroy"]
     report = {"scenario": scenario, "stages": {}}
+    instances = [p["name"] for p in config.get("platforms", [])]
+    faults = [os.path.join(REPO, "build", "faults", "%s.json" % name) for name in instances]
+    for path in faults:
+        if os.path.exists(path):
+            os.unlink(path)
     t0 = time.time()
     report["vm_image_cached"] = os.path.exists(os.path.join(vm.image_dir(), "DONE"))
     t = time.time()
@@ -59,6 +64,11 @@ def run(scenario):
         rc, secs = molecule("destroy", scenario)
         report["stages"]["destroy"] = round(secs, 1)
     report["total"] = round(time.time() - t0, 1)
+    report["figures"] = {}
+    for name, path in zip(instances, faults):
+        if os.path.exists(path):
+            with open(path) as f:
+                report["figures"][name] = json.load(f)
     report["failed_stage"] = failed
     out = os.path.join(REPO, "build", "timings")
     os.makedirs(out, exist_ok=True)
@@ -70,6 +80,10 @@ def run(scenario):
     print("  %-14s %7.1f s  (VM image %s, test images %s)" % (
         "total", report["total"], "cached" if report["vm_image_cached"] else "built",
         "cached" if report["test_images_cached"] else "built"))
+    for name, figures in report["figures"].items():
+        print("  figures of %s:" % name)
+        for key, value in sorted(figures.items()):
+            print("    %-36s %s" % (key, json.dumps(value)))
     return failed is None
 
 

@@ -6,6 +6,7 @@
                                     fresh BTRFS pool disk, a per-run SSH key); print its facts as JSON
     vm.py down NAME                 stop it and remove its run directory
     vm.py status NAME               print its facts as JSON (exit 1 when it is not running)
+    vm.py reboot NAME               reboot it from inside and boot the same disks again (print timings)
 
 The image is a debootstrap'd trixie tree (systemd, podman 5.4 with quadlet and its runtime
 dependencies, openssh, python3, btrfs-progs) written to an ext4 disk with `mkfs.ext4 -d` (no loop
@@ -208,7 +209,7 @@ def ssh_base(state):
 
 
 def boot_once(state, image, rd, attempt):
-    serial = os.path.join(rd, "serial-%d.log" % attempt)
+    serial = os.path.join(rd, "serial-%s.log" % attempt)
     pidfile = os.path.join(rd, "qemu.pid")
     with open(state["identity_file"] + ".pub", "rb") as f:
         key = base64.b64encode(f.read().strip()).decode()
@@ -300,6 +301,45 @@ def down(name):
     shutil.rmtree(run_dir(name), ignore_errors=True)
 
 
+def reboot(name, shutdown_timeout=180):
+    """Reboot a running VM from inside (systemctl reboot) and boot it again on the same disks.
+
+    qemu runs with -no-reboot, so the guest's reset ends the process; the same overlay and pool
+    disk are booted again with the same ports, and a panicked boot is retried (bounded) on the
+    same disks. Returns the seconds the shutdown and the boot took.
+    """
+    state = read_state(name)
+    if not state or not alive(state.get("pid")):
+        raise SystemExit("VM %s is not running: nothing to reboot" % name)
+    rd = state["run_dir"]
+    t0 = time.time()
+    subprocess.run(ssh_base(state) + ["systemctl reboot"], capture_output=True, timeout=60, check=False)
+    while alive(state["pid"]) and time.time() - t0 < shutdown_timeout:
+        time.sleep(0.5)
+    clean = not alive(state["pid"])
+    if not clean:
+        log("VM %s did not stop within %d s of systemctl reboot: killing it" % (name, shutdown_timeout))
+        os.kill(state["pid"], signal.SIGKILL)
+        time.sleep(1)
+    shutdown = time.time() - t0
+    state["reboots"] = state.get("reboots", 0) + 1
+    t1 = time.time()
+    for attempt in range(1, BOOT_ATTEMPTS + 1):
+        problem = boot_once(state, state["image"], rd, "reboot%d-%d" % (state["reboots"], attempt))
+        state["attempts"].append(problem or "ok")
+        if problem is None:
+            break
+        log("reboot boot attempt %d failed: %s" % (attempt, problem.splitlines()[0]))
+        if attempt == BOOT_ATTEMPTS:
+            raise SystemExit("VM %s did not come back in %d attempts; last: %s" % (name, BOOT_ATTEMPTS, problem))
+    with open(os.path.join(rd, "state.json"), "w") as f:
+        json.dump(state, f, indent=2)
+    result = {"shutdown_seconds": round(shutdown, 1), "clean_shutdown": clean,
+              "boot_seconds": round(time.time() - t1, 1), "reboots": state["reboots"]}
+    log("VM %s rebooted: %s" % (name, result))
+    return result
+
+
 def parse_forward(text):
     host, guest = text.split(":")
     return int(host), int(guest)
@@ -318,7 +358,7 @@ def main(argv=None):
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--pool-size", default="8G")
     p.add_argument("--share", action="append", default=[], help="TAG=DIR exported read-only over virtio-9p")
-    for n in ("down", "status"):
+    for n in ("down", "status", "reboot"):
         sub.add_parser(n).add_argument("name")
     args = ap.parse_args(argv)
     if args.cmd == "build":
@@ -326,6 +366,8 @@ def main(argv=None):
     elif args.cmd == "up":
         shares = dict(s.split("=", 1) for s in args.share)
         print(json.dumps(up(args.name, args.ssh_port, args.forward, args.memory, args.cpus, args.pool_size, shares)))
+    elif args.cmd == "reboot":
+        print(json.dumps(reboot(args.name)))
     elif args.cmd == "down":
         down(args.name)
     elif args.cmd == "status":

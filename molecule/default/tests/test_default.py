@@ -10,37 +10,10 @@ import subprocess
 import urllib.request
 
 import pytest
+from vmhelpers import (EPHEMERAL, EXPORTERS, PROJECT, PUBLISHED, ROOTLESS, SERVICES, STORAGE, USER, podman, promtool, record,
+                       systemctl, vm_state)
 
-EPHEMERAL = os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "")
-PROJECT = os.environ.get("MOLECULE_PROJECT_DIRECTORY", "")
-ROOTLESS = os.environ.get("IMMICH_TEST_ROOTLESS", "true") == "true"
-USER = "immich"
 UNIT_DIR = "/home/%s/.config/containers/systemd" % USER if ROOTLESS else "/etc/containers/systemd"
-STORAGE = "/mnt/btrfs-pool/subvol7-containers/immich"
-SERVICES = {
-    # service: (container, MemoryMax)
-    "immich-database.service": ("immich_postgres", 1 << 30),
-    "immich-redis.service": ("immich_redis", 512 << 20),
-    "immich-machine-learning.service": ("immich_machine_learning", 2 << 30),
-    "immich-server.service": ("immich_server", 2 << 30),
-}
-
-
-def systemctl(host, args):
-    return host.run(("systemctl --user -M %s@ " % USER if ROOTLESS else "systemctl ") + args)
-
-
-def podman(host, args):
-    if not ROOTLESS:
-        return host.run("podman " + args)
-    return host.run(
-        "cd / && uid=$(id -u %s) && runuser -u %s -- env XDG_RUNTIME_DIR=/run/user/$uid "
-        "DBUS_SESSION_BUS_ADDRESS=unix:path=/run/user/$uid/bus podman %s" % (USER, USER, args))
-
-
-def vm_state(name):
-    with open(os.path.join(PROJECT, "build", "vm", name, "state.json")) as f:
-        return json.load(f)
 
 
 @pytest.mark.parametrize("service", sorted(SERVICES))
@@ -69,10 +42,19 @@ def test_unit_is_generated_from_our_quadlet_file(host, service):
 def test_server_ping_through_the_published_port_from_the_host(host):
     state = vm_state(host.backend.get_hostname())
     port = [h for h, g in state["forwards"] if g == 2283][0]
-    with urllib.request.urlopen("http://127.0.0.1:%d/api/server/ping" % port, timeout=20) as r:
-        assert r.read() == b'{"res":"pong"}'
-    with urllib.request.urlopen("http://127.0.0.1:%d/api/server/standin-checks" % port, timeout=20) as r:
-        checks = json.loads(r.read())
+    if not PUBLISHED:
+        # qemu forwards the port, but nothing in the VM listens on 2283: the server answers only
+        # on its networks (Traefik's), here asked from the application network
+        with pytest.raises(OSError):
+            urllib.request.urlopen("http://127.0.0.1:%d/api/server/ping" % port, timeout=20).read()
+        out = in_app_network(host, "http://immich-server:2283/api/server/standin-checks")
+        assert out.rc == 0, out.stderr
+        checks = json.loads(out.stdout)
+    else:
+        with urllib.request.urlopen("http://127.0.0.1:%d/api/server/ping" % port, timeout=20) as r:
+            assert r.read() == b'{"res":"pong"}'
+        with urllib.request.urlopen("http://127.0.0.1:%d/api/server/standin-checks" % port, timeout=20) as r:
+            checks = json.loads(r.read())
     assert all(c["ok"] for c in checks.values()), checks
     assert "PostgreSQL 17" in checks["database"]["detail"]
 
@@ -108,6 +90,10 @@ def test_traefik_labels_when_enabled(host):
     assert labels["traefik.http.routers.immich.tls.certresolver"] == "letsencrypt"
     assert labels["traefik.http.services.immich.loadbalancer.server.port"] == "2283"
     assert labels["traefik.docker.network"] == "systemd-reverse_proxy"
+    assert labels["traefik.http.routers.immich.middlewares"] == "immich-ratelimit@docker"
+    assert labels["traefik.http.middlewares.immich-ratelimit.ratelimit.average"] == "100"
+    assert labels["traefik.http.middlewares.immich-ratelimit.ratelimit.burst"] == "400"
+    assert labels["traefik.http.middlewares.immich-ratelimit.ratelimit.period"] == "1s"
 
 
 def test_services_wrote_their_data(host):
@@ -118,11 +104,11 @@ def test_services_wrote_their_data(host):
 def test_containers_run_as_the_service_user(host):
     if not ROOTLESS:
         conmon = host.run("ps -o user= -C conmon").stdout.split()
-        assert len(conmon) == 4 and set(conmon) == {"root"}
+        assert len(conmon) == len(SERVICES) + len(EXPORTERS) and set(conmon) == {"root"}
         assert host.run("ls /home/%s/.config/containers/systemd 2>/dev/null" % USER).stdout.strip() == ""
         return
     conmon = host.run("ps -o user= -C conmon").stdout.split()
-    assert len(conmon) == 4 and set(conmon) == {USER}
+    assert len(conmon) == len(SERVICES) + len(EXPORTERS) and set(conmon) == {USER}
     subuid = host.run("grep ^%s: /etc/subuid" % USER).stdout.strip().split(":")
     low, count = int(subuid[1]), int(subuid[2])
     uids = [int(u) for u in host.run("ps -o uid= -C postgres").stdout.split()]
@@ -164,3 +150,133 @@ def test_check_mode_converge_reports_no_changes():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     recap = proc.stdout.split("PLAY RECAP")[-1]
     assert re.findall(r"changed=(\d+)", recap) == ["0"], proc.stdout[-3000:]
+
+
+def test_server_environment_for_telemetry_and_proxies(host):
+    env = json.loads(podman(host, "inspect immich_server --format '{{json .Config.Env}}'").stdout)
+    assert "IMMICH_TELEMETRY_INCLUDE=all" in env
+    assert "IMMICH_TRUSTED_PROXIES=10.89.2.0/24" in env
+
+
+def in_app_network(host, url):
+    """GET url from inside the ML container (a member of the application network only)."""
+    code = "import urllib.request as u; print(u.urlopen('%s', timeout=10).read().decode())" % url
+    return podman(host, 'exec immich_machine_learning python3 -c "%s"' % code)
+
+
+def check_metrics(text):
+    proc = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True, text=True, check=False)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("url, expect", [
+    ("http://immich-server:8081/metrics", "immich_standin_up 1"),
+    ("http://immich-server:8082/metrics", "immich_standin_up 1"),
+] + [("http://%s:%d/metrics" % (c.replace("_", "-"), port), metric) for c, port, metric in EXPORTERS.values()])
+def test_metrics_on_the_application_network(host, url, expect):
+    out = in_app_network(host, url)
+    assert out.rc == 0, out.stderr
+    assert re.search("^%s$" % re.escape(expect), out.stdout, re.M), out.stdout[-2000:]
+    if "immich-server" in url:  # exporters' own output has lint warnings promtool reports (upstream's)
+        rc, text = check_metrics(out.stdout)
+        assert rc == 0, text
+
+
+@pytest.mark.parametrize("service", sorted(EXPORTERS))
+def test_exporters_run_with_nothing(host, service):
+    container = EXPORTERS[service][0]
+    assert systemctl(host, "is-active %s" % service).stdout.strip() == "active"
+    info = json.loads(podman(host, "inspect %s --format '{{json .}}'" % container).stdout)
+    assert info["HostConfig"]["ReadonlyRootfs"] is True
+    assert info["EffectiveCaps"] in (None, [])
+    assert info["HostConfig"]["PortBindings"] in (None, {})
+    assert "no-new-privileges" in info["HostConfig"]["SecurityOpt"]
+    assert set(info["NetworkSettings"]["Networks"]) == {"systemd-photos"}
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_containers_are_hardened(host, service):
+    container = SERVICES[service][0]
+    info = json.loads(podman(host, "inspect %s --format '{{json .}}'" % container).stdout)
+    assert "no-new-privileges" in info["HostConfig"]["SecurityOpt"]
+    assert "CAP_NET_RAW" not in (info["EffectiveCaps"] or [])
+    assert info["HostConfig"]["ReadonlyRootfs"] is (service == "immich-redis.service")
+    published = [p for p in (info["HostConfig"]["PortBindings"] or {})]
+    assert published == (["2283/tcp"] if service == "immich-server.service" and PUBLISHED else [])
+
+
+def test_private_files_are_private(host):
+    home = host.user(USER).home if ROOTLESS else "/root"
+    secrets = host.run("find %s/.local/share/containers/storage/secrets /var/lib/containers/storage/secrets "
+                       "-type f ! -name '*.lock' 2>/dev/null" % home).stdout.split()
+    assert any(p.endswith("/secretsdata.json") for p in secrets), secrets
+    for path in secrets:
+        assert host.file(path).mode & 0o077 == 0, path
+    assert host.file("%s/postgres" % STORAGE).mode & 0o077 == 0
+
+
+def test_collector_writes_the_state_for_node_exporter(host):
+    assert host.run("systemctl is-enabled immich-metrics.timer").stdout.strip() == "enabled"
+    assert host.run("systemctl is-active immich-metrics.timer").stdout.strip() == "active"
+    run = host.run("systemctl start immich-metrics.service")
+    assert run.rc == 0, run.stderr + host.run("journalctl -u immich-metrics.service -n 20 --no-pager").stdout
+    prom = host.file("/var/lib/prometheus/node-exporter/immich.prom")
+    assert prom.mode == 0o644
+    text = prom.content_string
+    rc, lint = check_metrics(text)
+    assert rc == 0, lint
+    for service, (container, memory_max) in SERVICES.items():
+        name = service[:-len(".service")]
+        assert 'immich_container_healthy{service="%s"} 1' % name in text, text
+        assert 'immich_unit_active{service="%s"} 1' % name in text
+        assert 'immich_unit_memory_max_bytes{service="%s"} %d' % (name, memory_max) in text
+        assert re.search(r'^immich_unit_memory_bytes\{service="%s"\} [1-9][0-9]*$' % name, text, re.M)
+    for service in EXPORTERS:
+        assert 'immich_container_running{service="%s"} 1' % service[:-len(".service")] in text
+    assert "immich_metrics_errors 0" in text
+    assert re.search(r'^immich_pool_size_bytes\{path="%s"\} [1-9]' % STORAGE, text, re.M)
+
+
+def test_prometheus_files_pass_promtool(host, tmp_path):
+    for name in ("immich-alerts.yml", "immich-scrape.yml"):
+        f = host.file("/etc/prometheus/immich/%s" % name)
+        assert f.mode == 0o644 and f.user == "root"
+        (tmp_path / name).write_text(f.content_string)
+    (tmp_path / "prometheus.yml").write_text(
+        "rule_files: [immich-alerts.yml]\nscrape_config_files: [immich-scrape.yml]\n")
+    proc = subprocess.run([promtool(), "check", "config", "prometheus.yml"], cwd=str(tmp_path),
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "immich-postgres-exporter:9187" in (tmp_path / "immich-scrape.yml").read_text()
+
+
+SCAN = """
+import concurrent.futures as cf, json, socket, sys
+def probe(addr, port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(1)
+    try:
+        return port if s.connect_ex((addr, port)) == 0 else None
+    finally:
+        s.close()
+addr, ports = sys.argv[1], range(1, 65536) if sys.argv[2] == 'all' else [int(p) for p in sys.argv[2].split(',')]
+with cf.ThreadPoolExecutor(64) as ex:
+    print(json.dumps(sorted(p for p in ex.map(lambda p: probe(addr, p), ports) if p)))
+"""
+
+
+def test_exposure_only_the_server_port_on_the_external_address(host):
+    """Every TCP port of the VM's external address, probed from the VM: only SSH (the test
+    harness's) and the server's published port (none with the reverse proxy only) answer; the
+    internal ports not even on loopback."""
+    addr = host.run("ip -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 | head -n1").stdout.strip()
+    assert addr
+    host.run("cat > /tmp/scan.py <<'EOF'\n%s\nEOF" % SCAN)
+    open_ports = json.loads(host.run("python3 /tmp/scan.py %s all" % addr).stdout)
+    record(host.backend.get_hostname(), "exposure_external_tcp_ports_open", open_ports)
+    assert open_ports == ([22, 2283] if PUBLISHED else [22]), open_ports
+    internal = "5432,6379,3003,8081,8082,9187,9121"
+    assert json.loads(host.run("python3 /tmp/scan.py 127.0.0.1 %s" % internal).stdout) == []
+    listening = host.run("ss -Htln").stdout
+    for port in internal.split(","):
+        assert not re.search(r":%s\s" % port, listening), listening

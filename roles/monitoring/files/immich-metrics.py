@@ -44,14 +44,23 @@ def parse_show(text):
 
 
 def parse_ps(text):
-    """podman ps -a --format '{{.Names}}\\t{{.State}}\\t{{.Status}}' -> {name: (running, healthy)}."""
+    """podman ps -a --format '{{.Names}}\\t{{.State}}\\t{{.Status}}' -> {name: (running, healthy)}.
+
+    healthy is None for a running container without a health check (the exporters): no state
+    in parentheses after "Up ...".
+    """
     containers = {}
     for line in text.splitlines():
         parts = line.split("\t")
         if len(parts) != 3:
             continue
         name, state, status = parts
-        containers[name] = (state == "running", state == "running" and "(healthy)" in status)
+        running = state == "running"
+        checked = any(s in status for s in ("(healthy)", "(unhealthy)", "(starting)"))
+        if not running:
+            containers[name] = (False, False)
+        else:
+            containers[name] = (True, "(healthy)" in status if checked else None)
     return containers
 
 
@@ -87,7 +96,8 @@ def render(services, units, containers, pool, errors, now):
         if containers is not None:
             running, healthy = containers.get(container, (False, False))
             samples["immich_container_running"].append((lbl, 1 if running else 0))
-            samples["immich_container_healthy"].append((lbl, 1 if healthy else 0))
+            if healthy is not None:
+                samples["immich_container_healthy"].append((lbl, 1 if healthy else 0))
     if pool is not None:
         path, size, avail = pool
         lbl = '{path="%s"}' % label(path)

@@ -10,6 +10,7 @@ REDIS_HOSTNAME, REDIS_PORT, REDIS_PASSWORD(_FILE), IMMICH_MACHINE_LEARNING_URL, 
 IMMICH_PORT, IMMICH_MEDIA_LOCATION (/data), IMMICH_TELEMETRY_INCLUDE (metrics on 8081/8082).
 """
 
+import ipaddress
 import json
 import os
 import signal
@@ -108,7 +109,20 @@ def check_media():
     return media
 
 
-CHECKS = {"database": check_database, "redis": check_redis, "machine_learning": check_ml, "media": check_media}
+def check_config():
+    """IMMICH_TRUSTED_PROXIES and IMMICH_TELEMETRY_INCLUDE as the real server parses them."""
+    proxies = [p.strip() for p in (setting("IMMICH_TRUSTED_PROXIES") or "").split(",") if p.strip()]
+    for proxy in proxies:
+        if proxy not in ("linklocal", "uniquelocal", "loopback"):
+            ipaddress.ip_network(proxy, strict=False)
+    groups = [g.strip() for g in (setting("IMMICH_TELEMETRY_INCLUDE") or "").split(",") if g.strip()]
+    unknown = set(groups) - {"all", "host", "api", "io", "repo", "job"}
+    if unknown:
+        raise ValueError("unknown telemetry groups %s" % sorted(unknown))
+    return {"trusted_proxies": proxies, "telemetry": groups}
+
+
+CHECKS = {"config": check_config, "database": check_database, "redis": check_redis, "machine_learning": check_ml, "media": check_media}
 _cache = {"at": 0.0, "result": None}
 _lock = threading.Lock()
 
@@ -160,8 +174,12 @@ class Handler(BaseHTTPRequestHandler):
 class Metrics(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         checks = run_checks() if self.server.server_port == 8081 else {}
-        lines = ["# TYPE immich_standin_up gauge", "immich_standin_up 1",
+        lines = ["# HELP immich_standin_up The stand-in serves metrics.", "# TYPE immich_standin_up gauge",
+                 "immich_standin_up 1", "# HELP process_start_time_seconds Start time of the process.",
                  "# TYPE process_start_time_seconds gauge", "process_start_time_seconds %d" % STARTED]
+        if checks:
+            lines += ["# HELP immich_standin_check_ok 1 when the stand-in's contract check passes.",
+                      "# TYPE immich_standin_check_ok gauge"]
         for name, c in checks.items():
             lines.append('immich_standin_check_ok{check="%s"} %d' % (name, 1 if c["ok"] else 0))
         data = ("\n".join(lines) + "\n").encode()

@@ -1,0 +1,80 @@
+"""Helpers shared by the verify tests (testinfra over molecule's inventory)."""
+
+import json
+import os
+import subprocess
+import time
+
+PROJECT = os.environ.get("MOLECULE_PROJECT_DIRECTORY", "")
+EPHEMERAL = os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "")
+ROOTLESS = os.environ.get("IMMICH_TEST_ROOTLESS", "true") == "true"
+# immich_server_publish: "" in the scenario (reverse-proxy network only): no host port at all
+PUBLISHED = os.environ.get("IMMICH_TEST_PUBLISHED", "true") == "true"
+USER = "immich"
+STORAGE = "/mnt/btrfs-pool/subvol7-containers/immich"
+SERVICES = {
+    # service: (container, MemoryMax)
+    "immich-database.service": ("immich_postgres", 1 << 30),
+    "immich-redis.service": ("immich_redis", 512 << 20),
+    "immich-machine-learning.service": ("immich_machine_learning", 2 << 30),
+    "immich-server.service": ("immich_server", 2 << 30),
+}
+EXPORTERS = {
+    # service: (container, port, metric that says it reaches its target)
+    "immich-postgres-exporter.service": ("immich_postgres_exporter", 9187, "pg_up 1"),
+    "immich-redis-exporter.service": ("immich_redis_exporter", 9121, "redis_up 1"),
+}
+
+
+def systemctl(host, args):
+    return host.run(("systemctl --user -M %s@ " % USER if ROOTLESS else "systemctl ") + args)
+
+
+def podman(host, args):
+    if not ROOTLESS:
+        return host.run("podman " + args)
+    return host.run(
+        "cd / && uid=$(id -u %s) && runuser -u %s -- env XDG_RUNTIME_DIR=/run/user/$uid "
+        "DBUS_SESSION_BUS_ADDRESS=unix:path=/run/user/$uid/bus podman %s" % (USER, USER, args))
+
+
+def vm_state(name):
+    with open(os.path.join(PROJECT, "build", "vm", name, "state.json")) as f:
+        return json.load(f)
+
+
+def container_state(host, container):
+    """(health status, container id) or (None, None) when there is no such container."""
+    out = podman(host, "inspect %s --format '{{.State.Health.Status}} {{.Id}}'" % container)
+    parts = out.stdout.split()
+    return (parts[0], parts[1]) if out.rc == 0 and len(parts) == 2 else (None, None)
+
+
+def wait_until(predicate, timeout, interval=1.0):
+    """Seconds until predicate() was true, or None after timeout."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            return round(time.time() - t0, 1)
+        time.sleep(interval)
+    return None
+
+
+def promtool():
+    proc = subprocess.run([os.path.join(PROJECT, "tests/tools/fetch-promtool.sh")],
+                          capture_output=True, text=True, check=True)
+    return proc.stdout.strip()
+
+
+def record(name, key, value):
+    """Keep a figure in build/faults/<instance>.json (scenario.py prints them)."""
+    path = os.path.join(PROJECT, "build", "faults", "%s.json" % name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with open(path) as f:
+            figures = json.load(f)
+    except (OSError, ValueError):
+        figures = {}
+    figures[key] = value
+    with open(path, "w") as f:
+        json.dump(figures, f, indent=1, sort_keys=True)
