@@ -13,7 +13,7 @@ ROLES = sorted(r for r in os.listdir(os.path.join(ROOT, "roles"))
 
 
 def test_roles_exist():
-    assert ROLES == ["database", "host", "ml", "monitoring", "redis", "server"]
+    assert ROLES == ["backup", "database", "host", "ml", "monitoring", "redis", "server"]
 
 
 def test_readmes_are_current():

@@ -256,7 +256,10 @@ def probe(addr, port):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(1)
     try:
-        return port if s.connect_ex((addr, port)) == 0 else None
+        if s.connect_ex((addr, port)) != 0:
+            return None
+        # a port in the ephemeral range can connect to itself (TCP simultaneous open): not a listener
+        return None if s.getsockname() == s.getpeername() else port
     finally:
         s.close()
 addr, ports = sys.argv[1], range(1, 65536) if sys.argv[2] == 'all' else [int(p) for p in sys.argv[2].split(',')]

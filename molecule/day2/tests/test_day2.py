@@ -1,0 +1,168 @@
+"""Day-2 playbooks on the VM, in order: backup, destroy, restore and compare; the timer's
+retention; uninstall keeping the data; purge with nothing left behind."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.environ.get("MOLECULE_PROJECT_DIRECTORY", ""), "molecule", "default", "tests"))
+from vmhelpers import EPHEMERAL, PROJECT, SERVICES, STORAGE, USER, container_state, podman, systemctl  # noqa: E402
+
+LIBRARY = STORAGE + "/library"
+DUMPS = "/mnt/btrfs-pool/subvol7-containers/immich-backups"
+SNAPSHOTS = "/mnt/btrfs-pool/subvol7-containers/immich-snapshots"
+PROBE_SQL = "SELECT count(*) || ' ' || md5(string_agg(v, ',' ORDER BY id)) FROM restore_probe"
+
+
+def playbook(name, *extra):
+    env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(EPHEMERAL, "ansible.cfg"),
+               ANSIBLE_COLLECTIONS_PATH=os.path.join(PROJECT, ".collections"),
+               ANSIBLE_ROLES_PATH=os.path.join(PROJECT, "roles"), ANSIBLE_NOCOLOR="1")
+    inventory = os.environ.get("MOLECULE_INVENTORY_FILE")
+    if not inventory:
+        pytest.fail("MOLECULE_INVENTORY_FILE is not set: run through molecule")
+    proc = subprocess.run(["ansible-playbook", "-i", inventory, os.path.join(PROJECT, "playbooks", name)] + list(extra),
+                          env=env, capture_output=True, text=True, check=False)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def psql(host, sql):
+    out = podman(host, "exec immich_postgres psql -U postgres -d immich -tAc \"%s\"" % sql)
+    assert out.rc == 0, out.stderr
+    return out.stdout.strip()
+
+
+def checksums(host):
+    out = host.run("cd %s && find . -type f ! -name '.immich*' -print0 | sort -z | xargs -0 -r sha256sum" % LIBRARY)
+    return dict(reversed(line.split(None, 1)) for line in out.stdout.splitlines())
+
+
+@pytest.fixture(scope="module")
+def before(host):
+    """Rows in the database and files in the library, as a user would have them."""
+    psql(host, "CREATE TABLE restore_probe AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 5000) g")
+    host.run("install -d -o %s -g %s %s/upload/probe" % (USER, USER, LIBRARY))
+    for i in range(12):
+        host.run("head -c %d /dev/urandom > %s/upload/probe/photo-%02d.jpg" % (4096 * (i + 1), LIBRARY, i))
+    host.run("chown -R %s: %s/upload" % (USER, LIBRARY))
+    return {"rows": psql(host, PROBE_SQL), "files": checksums(host)}
+
+
+def test_library_is_its_own_subvolume(host):
+    assert host.run("stat -c %%i %s" % LIBRARY).stdout.strip() == "256"
+
+
+def test_backup_playbook_dumps_and_snapshots(host, before):
+    assert before["rows"].startswith("5000 ") and len(before["files"]) == 12
+    rc, out = playbook("backup.yml")
+    assert rc == 0, out[-3000:]
+    dumps = host.run("ls %s" % DUMPS).stdout.split()
+    assert len(dumps) == 1 and re.match(r"^immich-db-\d{8}T\d{6}Z\.sql\.gz$", dumps[0]), dumps
+    dump = host.file("%s/%s" % (DUMPS, dumps[0]))
+    assert dump.mode == 0o600 and dump.user == "root"
+    assert host.file(DUMPS).mode == 0o700
+    text = host.run("zcat %s/%s" % (DUMPS, dumps[0])).stdout
+    assert "DROP TABLE IF EXISTS public.restore_probe" in text and "COPY public.restore_probe" in text
+    snaps = host.run("ls -d %s/immich-*Z" % SNAPSHOTS).stdout.split()
+    assert len(snaps) == 1
+    assert host.run("btrfs property get -ts %s ro" % snaps[0]).stdout.strip() == "ro=true"
+    assert host.file(snaps[0] + "/upload/probe/photo-00.jpg").exists
+    meta = json.loads(host.file(snaps[0] + ".json").content_string)
+    assert meta["library_in_snapshot"] == "." and meta["source"] == LIBRARY
+
+
+def test_restore_after_destroying_both_gives_back_the_same_rows_and_files(host, before):
+    psql(host, "DROP TABLE restore_probe")
+    host.run("rm -rf %s/upload/probe" % LIBRARY)
+    assert checksums(host) != before["files"]
+    rc, out = playbook("restore.yml")
+    assert rc == 0, out[-3000:]
+    assert psql(host, PROBE_SQL) == before["rows"]
+    assert checksums(host) == before["files"]
+    for service, (container, _m) in SERVICES.items():
+        assert systemctl(host, "is-active %s" % service).stdout.strip() == "active", service
+        assert container_state(host, container)[0] == "healthy", container
+    # what was there before is kept beside it, and the new database directory is NOCOW again
+    assert host.run("ls -d %s/postgres.pre-restore-* %s/library.pre-restore-*" % (STORAGE, STORAGE)).rc == 0
+    assert "C" in host.run("lsattr -d %s/postgres" % STORAGE).stdout.split()[0]
+    assert host.run("stat -c %%i %s" % LIBRARY).stdout.strip() == "256"
+
+
+def test_restore_refuses_a_missing_dump_and_changes_nothing(host):
+    rows = psql(host, "SELECT count(*) FROM restore_probe")
+    rc, out = playbook("restore.yml", "-e", "immich_restore_dump=/nonexistent.sql.gz")
+    assert rc != 0 and "Nothing to restore from" in out, out[-2000:]
+    assert "changed=0" in out.split("PLAY RECAP")[-1]
+    assert psql(host, "SELECT count(*) FROM restore_probe") == rows
+
+
+def test_timer_backups_keep_the_newest(host):
+    assert host.run("systemctl is-enabled immich-backup.timer").stdout.strip() == "enabled"
+    assert "immich-backup.timer" in host.run("systemctl list-timers --all --no-legend").stdout
+    for _ in range(3):
+        host.run("sleep 1.1")
+        run = host.run("systemctl start immich-backup.service")
+        assert run.rc == 0, host.run("journalctl -u immich-backup.service -n 20 --no-pager").stdout
+    dumps = host.run("ls %s" % DUMPS).stdout.split()
+    snaps = host.run("ls -d %s/immich-*Z" % SNAPSHOTS).stdout.split()
+    assert len(dumps) == 2 and len(snaps) == 2, (dumps, snaps)
+    assert len(host.run("ls %s/*.json" % SNAPSHOTS).stdout.split()) == 2
+    # the pruned snapshots are gone as subvolumes too
+    listed = host.run("btrfs subvolume list -o /mnt/btrfs-pool/subvol7-containers").stdout
+    assert len(re.findall(r"immich-snapshots/immich-", listed)) == 2, listed
+
+
+def leftovers(host):
+    found = {}
+    found["quadlets"] = host.run("ls /home/%s/.config/containers/systemd /etc/containers/systemd 2>/dev/null" % USER).stdout.split()
+    found["system units"] = host.run("ls /etc/systemd/system | grep -i immich || true").stdout.split()
+    found["scripts"] = host.run("ls /usr/local/sbin | grep homelab-immich || true").stdout.split()
+    found["settings"] = host.run("ls /etc/homelab-immich-backup.json 2>/dev/null || true").stdout.split()
+    found["prom"] = host.run("ls /var/lib/prometheus/node-exporter/immich.prom 2>/dev/null || true").stdout.split()
+    if host.run("id -u %s" % USER).rc == 0:
+        found["user units"] = [u for u in systemctl(host, "list-units --all --plain --no-legend 'immich-*'").stdout.split()
+                               if u.startswith("immich")]
+        found["containers"] = podman(host, "ps -a --format '{{.Names}}'").stdout.split()
+        found["networks"] = [n for n in podman(host, "network ls --format '{{.Name}}'").stdout.split() if n != "podman"]
+        found["secrets"] = podman(host, "secret ls --noheading --format '{{.Name}}'").stdout.split()
+    found["system units loaded"] = [u for u in host.run("systemctl list-units --all --plain --no-legend 'immich-*'").stdout.split()
+                                    if u.startswith("immich")]
+    return {k: v for k, v in found.items() if v}
+
+
+def test_uninstall_keeps_the_data_and_leaves_nothing_else(host, before):
+    rc, out = playbook("uninstall.yml")
+    assert rc == 0, out[-3000:]
+    assert leftovers(host) == {}
+    # the data and the backups are still there
+    assert psql_offline_files(host)
+    assert checksums(host) == before["files"]
+    assert len(host.run("ls %s" % DUMPS).stdout.split()) == 2
+    rc, out = playbook("uninstall.yml")
+    assert rc == 0 and "changed=0" in out.split("PLAY RECAP")[-1], out[-3000:]
+
+
+def psql_offline_files(host):
+    """The database directory still holds a cluster (PG_VERSION)."""
+    return host.run("test -f %s/postgres/PG_VERSION" % STORAGE).rc == 0
+
+
+def test_purge_removes_data_images_and_user(host):
+    rc, out = playbook("uninstall.yml", "-e", "immich_uninstall_purge=true")
+    assert rc == 0, out[-3000:]
+    assert leftovers(host) == {}
+    assert not host.file(STORAGE).exists
+    assert host.run("id -u %s" % USER).rc != 0
+    assert not host.file("/home/%s" % USER).exists
+    assert USER not in host.run("cat /etc/subuid").stdout
+    assert host.run("pgrep -u %s" % 1000).rc != 0
+    # backups stay unless asked
+    assert len(host.run("ls %s" % DUMPS).stdout.split()) == 2
+    rc, out = playbook("uninstall.yml", "-e", "immich_uninstall_purge=true", "-e", "immich_uninstall_purge_backups=true")
+    assert rc == 0, out[-3000:]
+    assert not host.file(DUMPS).exists and not host.file(SNAPSHOTS).exists
+    assert "immich-snapshots" not in host.run("btrfs subvolume list /mnt/btrfs-pool").stdout
