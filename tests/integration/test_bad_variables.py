@@ -45,6 +45,9 @@ CASES = [
     ("exporter published on a name", {"immich_monitoring_redis_exporter_publish": "lan:9121"}, "immich_monitoring_redis_exporter_publish"),
     ("memory alert ratio above 1", {"immich_monitoring_memory_ratio": 1.5}, "immich_monitoring_memory_ratio"),
     ("alert duration in systemd syntax", {"immich_monitoring_pool_for": "15min"}, "immich_monitoring_pool_for"),
+    ("backup dumps inside the library", {"immich_backup_dump_dir": "/mnt/btrfs-pool/subvol7-containers/immich/library/dumps"},
+     "immich_library_path"),
+    ("no dump kept", {"immich_backup_keep_dumps": 0}, "immich_backup_keep_dumps >= 1"),
     ("forced backend not present here", {"immich_ml_backend": "cuda"}, "cannot work on this host"),
 ]
 

@@ -162,3 +162,10 @@ def test_main_writes_the_file(m, monkeypatch, tmp_path):
     assert m.main(["--output", str(out), "--storage-root", str(tmp_path)] +
                   ["%s=%s" % pair for pair in SERVICES]) == 0
     assert 'immich_container_healthy{service="immich-database"} 1' in out.read_text()
+
+
+def test_write_atomic_creates_the_textfile_directory(m, tmp_path):
+    path = tmp_path / "node-exporter" / "immich.prom"
+    m.write_atomic(str(path), "x 1\n")
+    assert path.read_text() == "x 1\n"
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o755

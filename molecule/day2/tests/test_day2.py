@@ -103,7 +103,7 @@ def test_restore_refuses_a_missing_dump_and_changes_nothing(host):
 def test_timer_backups_keep_the_newest(host):
     assert host.run("systemctl is-enabled immich-backup.timer").stdout.strip() == "enabled"
     assert "immich-backup.timer" in host.run("systemctl list-timers --all --no-legend").stdout
-    for _ in range(3):
+    for _run in range(3):
         host.run("sleep 1.1")
         run = host.run("systemctl start immich-backup.service")
         assert run.rc == 0, host.run("journalctl -u immich-backup.service -n 20 --no-pager").stdout
@@ -118,7 +118,8 @@ def test_timer_backups_keep_the_newest(host):
 
 def leftovers(host):
     found = {}
-    found["quadlets"] = host.run("ls /home/%s/.config/containers/systemd /etc/containers/systemd 2>/dev/null" % USER).stdout.split()
+    found["quadlets"] = host.run("find /home/%s/.config/containers/systemd /etc/containers/systemd -type f 2>/dev/null"
+                                 % USER).stdout.split()
     found["system units"] = host.run("ls /etc/systemd/system | grep -i immich || true").stdout.split()
     found["scripts"] = host.run("ls /usr/local/sbin | grep homelab-immich || true").stdout.split()
     found["settings"] = host.run("ls /etc/homelab-immich-backup.json 2>/dev/null || true").stdout.split()

@@ -201,7 +201,7 @@ def test_containers_are_hardened(host, service):
     assert "no-new-privileges" in info["HostConfig"]["SecurityOpt"]
     assert "CAP_NET_RAW" not in (info["EffectiveCaps"] or [])
     assert info["HostConfig"]["ReadonlyRootfs"] is (service == "immich-redis.service")
-    published = [p for p in (info["HostConfig"]["PortBindings"] or {})]
+    published = list(info["HostConfig"]["PortBindings"] or {})
     assert published == (["2283/tcp"] if service == "immich-server.service" and PUBLISHED else [])
 
 
@@ -229,7 +229,7 @@ def test_collector_writes_the_state_for_node_exporter(host):
         name = service[:-len(".service")]
         assert 'immich_container_healthy{service="%s"} 1' % name in text, text
         assert 'immich_unit_active{service="%s"} 1' % name in text
-        assert 'immich_unit_memory_max_bytes{service="%s"} %d' % (name, memory_max) in text
+        assert 'immich_unit_memory_max_bytes{service="%s"} %s' % (name, memory_max) in text
         assert re.search(r'^immich_unit_memory_bytes\{service="%s"\} [1-9][0-9]*$' % name, text, re.M)
     for service in EXPORTERS:
         assert 'immich_container_running{service="%s"} 1' % service[:-len(".service")] in text

@@ -36,7 +36,9 @@ def as_user(name):
     if not name:
         return {}, dict(os.environ)
     pw = pwd.getpwnam(name)
-    env = dict(os.environ, HOME=pw.pw_dir, USER=name, LOGNAME=name, XDG_RUNTIME_DIR="/run/user/%d" % pw.pw_uid)
+    # the user's systemd manager (linger) places `podman exec` in the container's cgroup
+    env = dict(os.environ, HOME=pw.pw_dir, USER=name, LOGNAME=name, XDG_RUNTIME_DIR="/run/user/%d" % pw.pw_uid,
+               DBUS_SESSION_BUS_ADDRESS="unix:path=/run/user/%d/bus" % pw.pw_uid)
     return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": os.getgrouplist(name, pw.pw_gid)}, env
 
 

@@ -122,7 +122,8 @@ def query(cmd, user=None):
     if user is not None:
         kw = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": os.getgrouplist(user.pw_name, user.pw_gid)}
         env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name,
-                   XDG_RUNTIME_DIR="/run/user/%d" % user.pw_uid)
+                   XDG_RUNTIME_DIR="/run/user/%d" % user.pw_uid,
+                   DBUS_SESSION_BUS_ADDRESS="unix:path=/run/user/%d/bus" % user.pw_uid)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/", timeout=60, check=False, **kw)
     if proc.returncode != 0:
         print("immich-metrics: %s failed (%d): %s" % (" ".join(cmd), proc.returncode, proc.stderr.strip()),
@@ -153,6 +154,7 @@ def collect(services, storage_root, user_name=None):
 
 def write_atomic(path, text):
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o755, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".immich-metrics.", dir=directory)
     try:
         with os.fdopen(fd, "w") as f:
