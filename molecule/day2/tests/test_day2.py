@@ -116,6 +116,53 @@ def test_timer_backups_keep_the_newest(host):
     assert len(re.findall(r"immich-snapshots/immich-", listed)) == 2, listed
 
 
+def test_maintenance_vacuums_and_reports(host, tmp_path):
+    # 5000 dead row versions, and no autovacuum removing them before the playbook looks
+    psql(host, "ALTER TABLE restore_probe SET (autovacuum_enabled = false)")
+    psql(host, "UPDATE restore_probe SET v = v")
+    host.run("sleep 2")  # table statistics reach pg_stat_user_tables at the end of the transaction, flushed within 1 s
+    rc, out = playbook("maintenance.yml", "-e", "immich_maintenance_json=%s" % tmp_path)
+    assert rc == 0, out[-3000:]
+    report = json.loads((tmp_path / ("%s.json" % host.backend.get_hostname())).read_text())
+    assert report["vacuumed"] is True
+    assert report["dead_rows_before"] >= 5000 and report["dead_rows_after"] < report["dead_rows_before"], report
+    assert report["tables_with_most_dead_rows_before"][0]["table"] == "restore_probe"
+    assert report["nocow_effective"] is True and report["nocow_cow_entries"] == 0 and report["nocow_checked_entries"] > 100
+    assert report["snapshots"] == 2 and report["dumps"] == 2
+    assert 0 < report["pool_used_percent"] < 85 and report["database_bytes"] > 0
+
+
+def test_diagnose_answers_for_people_and_as_json(host, tmp_path):
+    rc, out = playbook("diagnose.yml", "-e", "immich_diagnose_json=%s" % tmp_path)
+    assert rc == 0, out[-3000:]
+    assert "no problems found" in out and "server reaches: database yes, redis yes, machine_learning yes" in out
+    report = json.loads((tmp_path / ("%s.json" % host.backend.get_hostname())).read_text())
+    assert report["problems"] == []
+    for service, (container, memory_max) in SERVICES.items():
+        s = report["services"][service]
+        assert s["state"] == "active/running" and s["health"] == "healthy" and s["container"] == container
+        assert s["memory_max"] == memory_max and 0 < s["memory_percent"] < 80
+        assert s["log"], service  # the last log lines are there
+    assert report["services"]["immich-postgres-exporter.service"]["load"] == "not-found"
+    assert all(r["ok"] for r in report["reachable_from_server"].values())
+    assert report["ml_devices"] == []  # CPU VM
+    assert set(report["nocow"].values()) == {True}
+    assert report["versions"]["podman"].startswith("5.") and report["versions"]["immich"] == "v3.1.0"
+
+
+def test_diagnose_names_what_is_wrong(host, tmp_path):
+    assert systemctl(host, "stop immich-redis.service").rc == 0
+    try:
+        rc, out = playbook("diagnose.yml", "-e", "immich_diagnose_json=%s" % tmp_path)
+        assert rc == 0, out[-3000:]
+        report = json.loads((tmp_path / ("%s.json" % host.backend.get_hostname())).read_text())
+        assert "immich-redis.service: not active (inactive/dead)" in report["problems"]
+        assert report["reachable_from_server"]["redis"]["ok"] is False
+        assert "problems: " in out
+    finally:
+        assert systemctl(host, "start immich-redis.service").rc == 0
+
+
 def leftovers(host):
     found = {}
     found["quadlets"] = host.run("find /home/%s/.config/containers/systemd /etc/containers/systemd -type f 2>/dev/null"
