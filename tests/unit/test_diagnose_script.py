@@ -37,9 +37,10 @@ def fake_run(answers):
 
 
 def test_healthy_host_has_no_problems_and_a_readable_summary(d, monkeypatch, capsys):
+    show = ("LoadState=loaded\nActiveState=active\nSubState=running\nNRestarts=1\n"
+            "MemoryCurrent=536870912\nMemoryMax=2147483648")
     monkeypatch.setattr(d, "run", fake_run({
-        "show LoadState": (0, "LoadState=loaded\nActiveState=active\nSubState=running\nNRestarts=1\n"
-                                 "MemoryCurrent=536870912\nMemoryMax=2147483648", ""),
+        "show LoadState": (0, show, ""),
         "inspect immich_server": (0, "running|healthy|img:v3.1.0|abc", ""),
         "journalctl": (0, "line 1\nline 2\nline 3\nline 4", ""),
         "/dev/tcp": (0, "", ""),
