@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from localtools import fetched_tool, sh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
@@ -14,16 +15,44 @@ BIN = os.path.dirname(sys.executable)
 @pytest.fixture(scope="session")
 def generator():
     """The real podman quadlet generator (Debian 13's), fetched and cached by tests/tools."""
-    path = os.environ.get("QUADLET_GENERATOR")
-    if not path:
-        proc = subprocess.run([os.path.join(ROOT, "tests/tools/fetch-quadlet.sh")],
-                              capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            pytest.fail("could not fetch the quadlet generator: %s" % proc.stderr)
-        path = proc.stdout.strip()
+    path = fetched_tool("QUADLET_GENERATOR", "fetch-quadlet.sh")
     if not os.access(path, os.X_OK):
         pytest.fail("quadlet generator %s is not executable; run 'make quadlet-generator'" % path)
     return path
+
+
+@pytest.fixture(scope="session")
+def promtool():
+    """Debian 13's promtool, fetched and cached by tests/tools."""
+    return fetched_tool("PROMTOOL", "fetch-promtool.sh")
+
+
+@pytest.fixture(scope="module")
+def loop_mount(tmp_path_factory):
+    """loop_mount(kind, size, mkfs=None, opts=None): a loop-mounted filesystem made with the mkfs
+    command (a tmpfs when mkfs is None), unmounted when the module's tests are done. Needs root."""
+    if os.geteuid() != 0:
+        pytest.fail("these tests mount loop filesystems and need root (CI runs as root)")
+    base = tmp_path_factory.mktemp("fs")
+    made = []
+
+    def mount(kind, size, mkfs=None, opts=None):
+        mnt = base / kind
+        mnt.mkdir()
+        if mkfs is None:
+            sh("mount", "-t", "tmpfs", "-o", "size=%s" % size, "tmpfs", str(mnt))
+        else:
+            img = base / ("%s.img" % kind)
+            sh("truncate", "-s", size, str(img))
+            sh(*(mkfs + [str(img)]))
+            sh(*(["mount", "-o", "loop" + ("," + opts if opts else ""), str(img), str(mnt)]))
+        made.append(str(mnt))
+        return str(mnt)
+
+    yield mount
+    for mnt in reversed(made):
+        if sh("umount", mnt, check=False).returncode != 0:
+            sh("umount", "-l", mnt, check=False)
 
 
 def ansible_module(module, args, tmp_path, check=False, diff=False):

@@ -13,32 +13,16 @@ import subprocess
 import sys
 
 import pytest
+from localtools import sh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "roles", "backup", "files", "immich-backup.py")
 
 
-def sh(*cmd, check=True):
-    return subprocess.run(cmd, capture_output=True, text=True, check=check)
-
-
 @pytest.fixture(scope="module")
-def fs(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.fail("these tests mount loop filesystems and need root (CI runs as root)")
-    base = tmp_path_factory.mktemp("backupfs")
-    mounts = {}
-    for kind, mkfs in (("btrfs", ["mkfs.btrfs", "-q", "-f"]), ("ext4", ["mkfs.ext4", "-q", "-F"])):
-        img, mnt = base / (kind + ".img"), base / kind
-        mnt.mkdir()
-        sh("truncate", "-s", "200M" if kind == "btrfs" else "32M", str(img))
-        sh(*(mkfs + [str(img)]))
-        sh("mount", "-o", "loop", str(img), str(mnt))
-        mounts[kind] = str(mnt)
-    yield mounts
-    for mnt in mounts.values():
-        if sh("umount", mnt, check=False).returncode != 0:
-            sh("umount", "-l", mnt, check=False)
+def fs(loop_mount):
+    return {"btrfs": loop_mount("btrfs", "200M", ["mkfs.btrfs", "-q", "-f"]),
+            "ext4": loop_mount("ext4", "32M", ["mkfs.ext4", "-q", "-F"])}
 
 
 @pytest.fixture

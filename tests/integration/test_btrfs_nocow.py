@@ -7,50 +7,22 @@ skipping.
 import hashlib
 import os
 import stat
-import subprocess
 
 import pytest
+from localtools import sh
 
 from ansible_collections.homelab.immich.plugins.module_utils import fsattr
 from ansible_collections.homelab.immich.plugins.module_utils import nocow
 
 
-def sh(*cmd, check=True):
-    return subprocess.run(cmd, capture_output=True, text=True, check=check)
-
-
 @pytest.fixture(scope="module")
-def mounts(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.fail("these tests mount loop filesystems and need root (CI runs as root)")
-    base = tmp_path_factory.mktemp("fs")
-    made = []
-
-    def loop(kind, size, mkfs, opts=None):
-        img, mnt = base / ("%s.img" % kind), base / kind
-        mnt.mkdir()
-        sh("truncate", "-s", size, str(img))
-        sh(*(mkfs + [str(img)]))
-        sh(*(["mount", "-o", "loop" + ("," + opts if opts else ""), str(img), str(mnt)]))
-        made.append(str(mnt))
-        return str(mnt)
-
-    try:
-        fs = {
-            "btrfs": loop("btrfs", "400M", ["mkfs.btrfs", "-q", "-f"]),
-            "btrfs_zstd": loop("btrfs_zstd", "200M", ["mkfs.btrfs", "-q", "-f"], "compress=zstd"),
-            "ext4": loop("ext4", "64M", ["mkfs.ext4", "-q", "-F"]),
-        }
-        tmpfs = base / "tmpfs"
-        tmpfs.mkdir()
-        sh("mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(tmpfs))
-        made.append(str(tmpfs))
-        fs["tmpfs"] = str(tmpfs)
-        yield fs
-    finally:
-        for mnt in reversed(made):
-            if sh("umount", mnt, check=False).returncode != 0:
-                sh("umount", "-l", mnt, check=False)
+def mounts(loop_mount):
+    return {
+        "btrfs": loop_mount("btrfs", "400M", ["mkfs.btrfs", "-q", "-f"]),
+        "btrfs_zstd": loop_mount("btrfs_zstd", "200M", ["mkfs.btrfs", "-q", "-f"], "compress=zstd"),
+        "ext4": loop_mount("ext4", "64M", ["mkfs.ext4", "-q", "-F"]),
+        "tmpfs": loop_mount("tmpfs", "16m"),
+    }
 
 
 @pytest.fixture

@@ -18,18 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BIN = os.path.dirname(sys.executable)
 
 
-@pytest.fixture(scope="session")
-def promtool():
-    path = os.environ.get("PROMTOOL")
-    if not path:
-        proc = subprocess.run([os.path.join(ROOT, "tests/tools/fetch-promtool.sh")],
-                              capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            pytest.fail("could not fetch promtool: %s" % proc.stderr)
-        path = proc.stdout.strip()
-    return path
-
-
 def render(directory, **variables):
     """Run the role's prometheus tasks on this machine (local connection) into directory."""
     play = directory / "play.yml"
