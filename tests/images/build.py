@@ -7,6 +7,8 @@ Images (test images only; no role uses them by default):
     localhost/homelab-immich-test/postgres:17-pgvector   PostgreSQL 17 + pgvector, official-image entrypoint contract
     localhost/homelab-immich-test/valkey:8               Valkey from Debian
     localhost/homelab-immich-test/immich-server:standin  contract stand-in for immich-server
+    localhost/homelab-immich-test/immich-server:standin-next    the same, reporting v3.2.0 (an update)
+    localhost/homelab-immich-test/immich-server:standin-broken  the same, never healthy (a bad update)
     localhost/homelab-immich-test/immich-machine-learning:standin  contract stand-in for immich-ml
     localhost/homelab-immich-test/postgres-exporter:0.17             Prometheus postgres_exporter from Debian
     localhost/homelab-immich-test/redis-exporter:1.69                Prometheus redis_exporter from Debian
@@ -86,6 +88,9 @@ IMAGES = [
             "Healthcheck": {"Test": ["CMD", "immich-healthcheck"]},
             "Labels": {"org.opencontainers.image.title": "immich-server contract stand-in (tests only)"},
         },
+        # same layers, another configuration: what update.yml is tested with
+        "variants": {"immich-server:standin-next": {"Env": ["STANDIN_VERSION=3.2.0"]},
+                     "immich-server:standin-broken": {"Env": ["STANDIN_NEVER_HEALTHY=1"]}},
     },
     {
         "name": "immich-machine-learning:standin",
@@ -304,20 +309,23 @@ def write_archive(out, base_tar, base_id, layers):
         arc.add(base_tar, arcname="%s.tar" % base_id)
         for image, tar_path, diff_id in layers:
             arc.add(tar_path, arcname="%s.tar" % diff_id)
-            config = {
-                "architecture": "amd64", "os": "linux", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "config": image["config"],
-                "rootfs": {"type": "layers", "diff_ids": ["sha256:" + base_id, "sha256:" + diff_id]},
-                "history": [{"created_by": "debootstrap --variant=minbase %s + %s" % (SUITE, " ".join(BASE_PACKAGES))},
-                            {"created_by": "apt-get install %s; homelab.immich tests/images" % " ".join(image["packages"])}],
-            }
-            data = json.dumps(config, sort_keys=True).encode()
-            config_id = hashlib.sha256(data).hexdigest()
-            ti = tarfile.TarInfo("%s.json" % config_id)
-            ti.size = len(data)
-            arc.addfile(ti, io.BytesIO(data))
-            manifest.append({"Config": "%s.json" % config_id, "RepoTags": [PREFIX + image["name"]],
-                             "Layers": ["%s.tar" % base_id, "%s.tar" % diff_id]})
+            for name, extra in [(image["name"], {})] + sorted(image.get("variants", {}).items()):
+                cfg = dict(image["config"], **{k: v for k, v in extra.items() if k != "Env"})
+                cfg["Env"] = image["config"]["Env"] + extra.get("Env", [])
+                config = {
+                    "architecture": "amd64", "os": "linux", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "config": cfg,
+                    "rootfs": {"type": "layers", "diff_ids": ["sha256:" + base_id, "sha256:" + diff_id]},
+                    "history": [{"created_by": "debootstrap --variant=minbase %s + %s" % (SUITE, " ".join(BASE_PACKAGES))},
+                                {"created_by": "apt-get install %s; homelab.immich tests/images" % " ".join(image["packages"])}],
+                }
+                data = json.dumps(config, sort_keys=True).encode()
+                config_id = hashlib.sha256(data).hexdigest()
+                ti = tarfile.TarInfo("%s.json" % config_id)
+                ti.size = len(data)
+                arc.addfile(ti, io.BytesIO(data))
+                manifest.append({"Config": "%s.json" % config_id, "RepoTags": [PREFIX + name],
+                                 "Layers": ["%s.tar" % base_id, "%s.tar" % diff_id]})
         data = json.dumps(manifest, indent=1).encode()
         ti = tarfile.TarInfo("manifest.json")
         ti.size = len(data)
@@ -349,7 +357,7 @@ def build():
         sizes.update((i["name"], os.path.getsize(p)) for i, p, _d in layers)
         with open(os.path.join(os.path.dirname(out), "BUILD.json"), "w") as f:
             json.dump({"seconds": round(time.time() - t0, 1), "layer_bytes": sizes,
-                       "images": [PREFIX + i["name"] for i in IMAGES]}, f, indent=1)
+                       "images": [PREFIX + n for i in IMAGES for n in [i["name"]] + sorted(i.get("variants", {}))]}, f, indent=1)
         summary = ", ".join("%s %d MiB" % (k, v >> 20) for k, v in sizes.items())
         log("built in %.0f s: %s (%s)" % (time.time() - t0, out, summary))
     finally:

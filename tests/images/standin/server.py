@@ -8,6 +8,10 @@ Configuration (as upstream v3.1.0): DB_HOSTNAME, DB_PORT, DB_USERNAME, DB_PASSWO
 DB_PASSWORD_FILE, or $CREDENTIALS_DIRECTORY/DB_PASSWORD), DB_DATABASE_NAME, DB_VECTOR_EXTENSION,
 REDIS_HOSTNAME, REDIS_PORT, REDIS_PASSWORD(_FILE), IMMICH_MACHINE_LEARNING_URL, IMMICH_HOST,
 IMMICH_PORT, IMMICH_MEDIA_LOCATION (/data), IMMICH_TELEMETRY_INCLUDE (metrics on 8081/8082).
+
+Test variants of the image set, in the image's own environment: STANDIN_VERSION (the version
+/api/server/version reports, default 3.1.0) and STANDIN_NEVER_HEALTHY=1 (an update that never
+becomes healthy: the ping answers 503 whatever the checks say).
 """
 
 import ipaddress
@@ -21,7 +25,9 @@ import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-VERSION = {"major": 3, "minor": 1, "patch": 0, "prerelease": None}
+_major, _minor, _patch = (int(x) for x in os.environ.get("STANDIN_VERSION", "3.1.0").split("."))
+VERSION = {"major": _major, "minor": _minor, "patch": _patch, "prerelease": None}
+NEVER_HEALTHY = os.environ.get("STANDIN_NEVER_HEALTHY") == "1"
 STARTED = time.time()
 
 
@@ -156,6 +162,8 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         if path == "/api/server/ping":
             checks = run_checks()
+            if NEVER_HEALTHY:
+                return self.reply(503, {"res": "unavailable", "checks": checks, "standin": "never healthy"})
             if all(c["ok"] for c in checks.values()):
                 return self.reply(200, {"res": "pong"})
             return self.reply(503, {"res": "unavailable", "checks": checks})
