@@ -72,18 +72,28 @@ GUEST_FILES = {
                                    "path-exclude=/usr/share/locale/*\npath-exclude=/usr/share/info/*\n",
     "usr/local/sbin/homelab-ssh-key": (
         "#!/bin/sh\n"
-        "# Install the per-run SSH key passed on the kernel command line (homelab.ssh_key=<base64>).\n"
+        "# Install the per-run SSH key passed on the kernel command line (homelab.ssh_key=<base64>), and\n"
+        "# give the private test link its static address (homelab.private=<mac>,<address/prefix>).\n"
         "set -eu\n"
         "for word in $(cat /proc/cmdline); do\n"
-        "  case \"$word\" in homelab.ssh_key=*) key=${word#homelab.ssh_key=} ;; esac\n"
+        "  case \"$word\" in\n"
+        "    homelab.ssh_key=*) key=${word#homelab.ssh_key=} ;;\n"
+        "    homelab.private=*) private=${word#homelab.private=} ;;\n"
+        "  esac\n"
         "done\n"
+        "if [ -n \"${private:-}\" ]; then\n"
+        "  install -d /run/systemd/network\n"
+        "  printf '[Match]\\nMACAddress=%s\\n\\n[Network]\\nAddress=%s\\n' \"${private%%,*}\" \"${private#*,}\" \\\n"
+        "    > /run/systemd/network/05-private.network\n"
+        "fi\n"
         "[ -n \"${key:-}\" ] || exit 0\n"
         "install -d -m 0700 /root/.ssh\n"
         "echo \"$key\" | base64 -d > /root/.ssh/authorized_keys\n"
         "chmod 0600 /root/.ssh/authorized_keys\n"
     ),
     "etc/systemd/system/homelab-ssh-key.service": (
-        "[Unit]\nDescription=Install the test run's SSH key\nBefore=ssh.service\n\n"
+        "[Unit]\nDescription=Install the test run's SSH key and private address\nBefore=ssh.service network-pre.target\n"
+        "Wants=network-pre.target\n\n"
         "[Service]\nType=oneshot\nExecStart=/usr/local/sbin/homelab-ssh-key\n\n"
         "[Install]\nWantedBy=multi-user.target\n"
     ),
@@ -216,16 +226,25 @@ def boot_once(state, image, rd, attempt):
     netdev = "user,id=n0,hostfwd=tcp:127.0.0.1:%d-:22" % state["port"]
     for host_port, guest_port in state["forwards"]:
         netdev += ",hostfwd=tcp:127.0.0.1:%d-:%d" % (host_port, guest_port)
+    append = ("root=/dev/vda rw console=ttyS0 panic=-1 quiet systemd.show_status=0 net.ifnames=1 homelab.ssh_key=%s"
+              % key)
+    private = []
+    if state.get("private"):
+        # a point-to-point link to one other VM: UDP datagrams between two ports of 127.0.0.1
+        pv = state["private"]
+        private = ["-netdev", "dgram,id=n1,local.type=inet,local.host=127.0.0.1,local.port=%d,"
+                   "remote.type=inet,remote.host=127.0.0.1,remote.port=%d" % (pv["local_port"], pv["remote_port"]),
+                   "-device", "virtio-net-pci,netdev=n1,mac=%s" % pv["mac"]]
+        append += " homelab.private=%s,%s" % (pv["mac"], pv["cidr"])
     cmd = ["qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(state["cpus"]),
            "-m", str(state["memory"]), "-display", "none", "-serial", "file:" + serial, "-monitor", "none",
            "-no-reboot", "-daemonize", "-pidfile", pidfile,
            "-kernel", os.path.join(image, "vmlinuz"), "-initrd", os.path.join(image, "initrd.img"),
-           "-append", "root=/dev/vda rw console=ttyS0 panic=-1 quiet systemd.show_status=0 "
-                      "net.ifnames=1 homelab.ssh_key=%s" % key,
+           "-append", append,
            "-drive", "file=%s,if=virtio,format=qcow2,cache=unsafe,discard=unmap" % os.path.join(rd, "root.qcow2"),
            "-drive", "file=%s,if=virtio,format=raw,cache=unsafe,discard=unmap" % os.path.join(rd, "pool.raw"),
            "-netdev", netdev, "-device", "virtio-net-pci,netdev=n0",
-           "-device", "virtio-rng-pci"]
+           "-device", "virtio-rng-pci"] + private
     for tag, path in state["shares"].items():
         cmd += ["-virtfs", "local,path=%s,mount_tag=%s,security_model=none,readonly=on" % (path, tag)]
     run(cmd)
@@ -252,7 +271,33 @@ def boot_once(state, image, rd, attempt):
     return "no SSH within %d s; serial console:\n%s" % (BOOT_TIMEOUT, open(serial, errors="replace").read()[-2000:])
 
 
-def up(name, ssh_port=None, forwards=(), memory=3072, cpus=2, pool_size="8G", shares=None):
+def boot(state, label, fresh_overlay):
+    """Boot, retrying a panicked or stuck boot (bounded). fresh_overlay: a half-booted first boot may
+    have written to the root overlay, so it is made again; a reboot keeps its disks."""
+    rd = state["run_dir"]
+    for attempt in range(1, BOOT_ATTEMPTS + 1):
+        problem = boot_once(state, state["image"], rd, "%s%d" % (label, attempt))
+        state["attempts"].append(problem or "ok")
+        if problem is None:
+            return
+        log("VM %s: boot attempt %d failed: %s" % (state["name"], attempt, problem.splitlines()[0]))
+        if attempt == BOOT_ATTEMPTS:
+            raise SystemExit("VM %s did not boot in %d attempts; last: %s" % (state["name"], BOOT_ATTEMPTS, problem))
+        if fresh_overlay:
+            os.unlink(os.path.join(rd, "root.qcow2"))
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", os.path.join(state["image"], "root.raw"),
+                 os.path.join(rd, "root.qcow2")])
+
+
+def parse_private(text):
+    """LOCAL_PORT:REMOTE_PORT:ADDRESS/PREFIX -> the private link's settings (MAC from the address)."""
+    local, remote, cidr = text.split(":", 2)
+    octets = [int(x) for x in cidr.split("/")[0].split(".")]
+    return {"local_port": int(local), "remote_port": int(remote), "cidr": cidr,
+            "mac": "52:54:00:%02x:%02x:%02x" % tuple(octets[1:])}
+
+
+def up(name, ssh_port=None, forwards=(), memory=3072, cpus=2, pool_size="8G", shares=None, private=None):
     existing = read_state(name)
     if existing and alive(existing.get("pid")):
         return existing
@@ -267,20 +312,9 @@ def up(name, ssh_port=None, forwards=(), memory=3072, cpus=2, pool_size="8G", sh
     run(["truncate", "-s", pool_size, os.path.join(rd, "pool.raw")])
     state = dict(name=name, address="127.0.0.1", user="root", port=ssh_port or free_port(), identity_file=key,
                  forwards=[[h or free_port(), g] for h, g in forwards], memory=memory, cpus=cpus, image=image, run_dir=rd,
-                 shares=dict(shares or {}), pool_disk="/dev/vdb", attempts=[])
+                 shares=dict(shares or {}), pool_disk="/dev/vdb", attempts=[], private=private)
     t0 = time.time()
-    for attempt in range(1, BOOT_ATTEMPTS + 1):
-        problem = boot_once(state, image, rd, attempt)
-        state["attempts"].append(problem or "ok")
-        if problem is None:
-            break
-        log("boot attempt %d failed: %s" % (attempt, problem.splitlines()[0]))
-        if attempt == BOOT_ATTEMPTS:
-            raise SystemExit("VM %s did not boot in %d attempts; last: %s" % (name, BOOT_ATTEMPTS, problem))
-        # a fresh overlay: a half-booted run may have written to it
-        os.unlink(os.path.join(rd, "root.qcow2"))
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", os.path.join(image, "root.raw"),
-             os.path.join(rd, "root.qcow2")])
+    boot(state, "", fresh_overlay=True)
     state["boot_seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(rd, "state.json"), "w") as f:
         json.dump(state, f, indent=2)
@@ -324,14 +358,7 @@ def reboot(name, shutdown_timeout=180):
     shutdown = time.time() - t0
     state["reboots"] = state.get("reboots", 0) + 1
     t1 = time.time()
-    for attempt in range(1, BOOT_ATTEMPTS + 1):
-        problem = boot_once(state, state["image"], rd, "reboot%d-%d" % (state["reboots"], attempt))
-        state["attempts"].append(problem or "ok")
-        if problem is None:
-            break
-        log("reboot boot attempt %d failed: %s" % (attempt, problem.splitlines()[0]))
-        if attempt == BOOT_ATTEMPTS:
-            raise SystemExit("VM %s did not come back in %d attempts; last: %s" % (name, BOOT_ATTEMPTS, problem))
+    boot(state, "reboot%d-" % state["reboots"], fresh_overlay=False)
     with open(os.path.join(rd, "state.json"), "w") as f:
         json.dump(state, f, indent=2)
     result = {"shutdown_seconds": round(shutdown, 1), "clean_shutdown": clean,
@@ -358,6 +385,9 @@ def main(argv=None):
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--pool-size", default="8G")
     p.add_argument("--share", action="append", default=[], help="TAG=DIR exported read-only over virtio-9p")
+    p.add_argument("--private", type=parse_private,
+                   help="LOCAL_PORT:REMOTE_PORT:ADDRESS/PREFIX: a second NIC on a point-to-point link to the VM "
+                        "started with the ports swapped (UDP on 127.0.0.1 only), with that static address")
     for n in ("down", "status", "reboot"):
         sub.add_parser(n).add_argument("name")
     args = ap.parse_args(argv)
@@ -365,7 +395,8 @@ def main(argv=None):
         print(build())
     elif args.cmd == "up":
         shares = dict(s.split("=", 1) for s in args.share)
-        print(json.dumps(up(args.name, args.ssh_port, args.forward, args.memory, args.cpus, args.pool_size, shares)))
+        print(json.dumps(up(args.name, args.ssh_port, args.forward, args.memory, args.cpus, args.pool_size, shares,
+                            args.private)))
     elif args.cmd == "reboot":
         print(json.dumps(reboot(args.name)))
     elif args.cmd == "down":
