@@ -11,9 +11,10 @@ version_added: 0.2.0
 description:
   - Given the hosts of the groups C(immich_database), C(immich_redis), C(immich_server) and C(immich_ml)
     and each host's address, returns what one host runs and how its services reach each other.
-  - A service used by a host in the same inventory host is reached by container name over the
-    application network; used from another host, it is published on its host's address and allowed
-    only from the addresses of the hosts that use it.
+  - A service on the server's own host is reached by its network alias over the application network;
+    one on another host is published on that host's address and allowed only from the server's address.
+  - An inventory with none of the four groups and exactly one host in C(immich) is the one-host layout
+    (that host runs everything), so inventories written before the groups existed keep working.
   - The server gets one ML URL per ML host, remote ones first and its own host's last (Immich tries the
     URLs in order; the local one is the fallback).
 options:
@@ -22,7 +23,7 @@ options:
     type: str
     required: true
   groups:
-    description: The inventory's C(groups) (at least the four Immich groups).
+    description: The inventory's C(groups) (the four Immich groups, or only C(immich) with one host).
     type: dict
     required: true
   addresses:
@@ -68,6 +69,9 @@ _value:
         password requirements.
       type: list
       elements: str
+    providers:
+      description: The inventory host of the database, of Valkey and of the server (C(database), C(redis), C(server)).
+      type: dict
 """
 
 from ansible.errors import AnsibleFilterError
@@ -75,7 +79,7 @@ from ansible.errors import AnsibleFilterError
 GROUPS = ("immich_database", "immich_redis", "immich_ml", "immich_server")
 ROLE_ORDER = ("database", "redis", "ml", "server")
 PORTS = {"database": 5432, "redis": 6379, "ml": 3003}
-CONTAINERS = {"database": "immich_postgres", "redis": "immich_redis", "ml": "immich_machine_learning"}
+ALIASES = {"database": "immich-database", "redis": "immich-redis", "ml": "immich-machine-learning"}
 
 
 def _hosts(groups, name):
@@ -91,12 +95,28 @@ def _address(addresses, host):
         raise AnsibleFilterError(
             "no address for host %s: set immich_host_address (or ansible_host) for it, the address the other "
             "Immich hosts reach it on" % host)
-    return str(addr)
+    addr = str(addr)
+    if addr == "localhost" or addr.startswith("127.") or addr == "::1":
+        raise AnsibleFilterError(
+            "host %s would be reached by the other Immich hosts on %s, a loopback address: set immich_host_address "
+            "for it (its address on the network the hosts share)" % (host, addr))
+    return addr
+
+
+def publish_port(entry):
+    """PublishPort= value for one publish entry: the host's address only (IPv6 in brackets)."""
+    addr = entry["address"]
+    if ":" in addr:
+        addr = "[%s]" % addr
+    return "%s:%d:%d" % (addr, entry["port"], entry["port"])
 
 
 def check(groups):
     """The groups an Immich deployment can be built from, or an error saying what is missing."""
     members = dict((g, _hosts(groups, g)) for g in GROUPS)
+    everyone = _hosts(groups, "immich")
+    if not any(members.values()) and len(everyone) == 1:
+        members = dict((g, everyone) for g in GROUPS)
     missing = [g for g in GROUPS if not members[g]]
     if missing:
         raise AnsibleFilterError(
@@ -114,6 +134,10 @@ def topology(host, groups, addresses):
     members = check(groups)
     server = members["immich_server"][0]
     roles = [r for r in ROLE_ORDER if host in members["immich_" + r]]
+    if not roles:
+        raise AnsibleFilterError(
+            "host %s is in none of %s: put it in the groups of the services it should run, or take it out of "
+            "the immich group" % (host, ", ".join(GROUPS)))
     cross, publish = [], []
     for service in ("database", "redis", "ml"):
         providers = members["immich_" + service]
@@ -122,18 +146,20 @@ def topology(host, groups, addresses):
         if host in providers and host != server:
             publish.append({"service": service, "port": PORTS[service], "address": _address(addresses, host),
                             "allow_from": [_address(addresses, server)]})
-    result = {"roles": roles, "publish": publish, "cross_host": cross}
+    result = {"roles": roles, "publish": publish, "cross_host": cross,
+              "providers": {"database": members["immich_database"][0], "redis": members["immich_redis"][0],
+                            "server": server}}
     if host == server:
         for service in ("database", "redis"):
             provider = members["immich_" + service][0]
-            result[service] = ({"host": CONTAINERS[service], "port": PORTS[service], "remote": False} if provider == host
+            result[service] = ({"host": ALIASES[service], "port": PORTS[service], "remote": False} if provider == host
                                else {"host": _address(addresses, provider), "port": PORTS[service], "remote": True})
         ml = members["immich_ml"]
         result["ml_urls"] = (["http://%s:%d" % (_address(addresses, h), PORTS["ml"]) for h in ml if h != host]
-                             + (["http://%s:%d" % (CONTAINERS["ml"], PORTS["ml"])] if host in ml else []))
+                             + (["http://%s:%d" % (ALIASES["ml"], PORTS["ml"])] if host in ml else []))
     return result
 
 
 class FilterModule(object):
     def filters(self):
-        return {"topology": topology}
+        return {"topology": topology, "publish_port": publish_port}

@@ -3,7 +3,7 @@
 import pytest
 
 from ansible.errors import AnsibleFilterError
-from ansible_collections.homelab.immich.plugins.filter.topology import topology
+from ansible_collections.homelab.immich.plugins.filter.topology import publish_port, topology
 
 ADDR = {"app": "192.168.77.10", "gpu": "192.168.77.11", "db": "192.168.77.12"}
 
@@ -15,9 +15,9 @@ def groups(database, redis, server, ml):
 def test_one_host_is_wired_by_container_names_and_publishes_nothing():
     t = topology("app", groups(["app"], ["app"], ["app"], ["app"]), ADDR)
     assert t["roles"] == ["database", "redis", "ml", "server"]
-    assert t["database"] == {"host": "immich_postgres", "port": 5432, "remote": False}
-    assert t["redis"] == {"host": "immich_redis", "port": 6379, "remote": False}
-    assert t["ml_urls"] == ["http://immich_machine_learning:3003"]
+    assert t["database"] == {"host": "immich-database", "port": 5432, "remote": False}
+    assert t["redis"] == {"host": "immich-redis", "port": 6379, "remote": False}
+    assert t["ml_urls"] == ["http://immich-machine-learning:3003"]
     assert t["publish"] == [] and t["cross_host"] == []
 
 
@@ -34,7 +34,7 @@ def test_remote_ml_on_the_gpu_host():
 
 def test_remote_ml_first_and_the_local_one_as_fallback():
     t = topology("app", groups(["app"], ["app"], ["app"], ["app", "gpu"]), ADDR)
-    assert t["ml_urls"] == ["http://192.168.77.11:3003", "http://immich_machine_learning:3003"]
+    assert t["ml_urls"] == ["http://192.168.77.11:3003", "http://immich-machine-learning:3003"]
 
 
 def test_separate_database_host_publishes_postgres_to_the_server_only():
@@ -61,3 +61,30 @@ def test_impossible_inventories_are_refused_with_the_reason(g, message):
 def test_a_host_without_an_address_is_named():
     with pytest.raises(AnsibleFilterError, match="no address for host gpu"):
         topology("app", groups(["app"], ["app"], ["app"], ["gpu"]), {"app": "192.168.77.10"})
+
+
+def test_only_the_immich_group_with_one_host_is_the_one_host_layout():
+    t = topology("app", {"immich": ["app"]}, {})
+    assert t["roles"] == ["database", "redis", "ml", "server"] and t["publish"] == []
+
+
+def test_a_host_in_no_service_group_is_refused():
+    g = dict(groups(["app"], ["app"], ["app"], ["app"]), immich=["app", "spare"])
+    with pytest.raises(AnsibleFilterError, match="host spare is in none of"):
+        topology("spare", g, ADDR)
+
+
+def test_a_loopback_address_cannot_be_reached_from_another_host():
+    with pytest.raises(AnsibleFilterError, match="host gpu would be reached .* on 127.0.0.1, a loopback address"):
+        topology("app", groups(["app"], ["app"], ["app"], ["gpu"]), dict(ADDR, gpu="127.0.0.1"))
+
+
+def test_providers_are_named_for_password_sharing():
+    t = topology("gpu", groups(["db"], ["app"], ["app"], ["gpu"]), ADDR)
+    assert t["providers"] == {"database": "db", "redis": "app", "server": "app"}
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("192.168.77.11", "192.168.77.11:3003:3003"), ("fd00::11", "[fd00::11]:3003:3003")])
+def test_publish_port_binds_the_host_address_only(address, expected):
+    assert publish_port({"service": "ml", "port": 3003, "address": address, "allow_from": []}) == expected
