@@ -134,3 +134,14 @@ def test_snapshot_on_ext4_fails_clearly(fake_podman, tmp_path, fs):
     assert rc == 1 and "not on BTRFS" in result["msg"] and "immich_backup_snapshots: false" in result["msg"]
     rc, result, err = run(config(tmp_path, top, snapshots=False)[0])
     assert rc == 0 and "snapshot" not in result
+
+
+@pytest.mark.parametrize("only, parts", [("dump", {"dump"}), ("snapshot", {"snapshot"})])
+def test_a_host_holding_one_part_takes_only_that_part(fake_podman, tmp_path, top, only, parts):
+    """Several hosts: the database host dumps, the server's host snapshots the library (config "only")."""
+    cfg_path, cfg = config(tmp_path, top, only=only)
+    rc, result, err = run(cfg_path)
+    assert rc == 0, err
+    assert {"dump", "snapshot"} & set(result) == parts
+    assert os.path.exists(fake_podman) == (only == "dump")
+    assert bool(os.path.isdir(cfg["snapshot_dir"]) and os.listdir(cfg["snapshot_dir"])) == (only == "snapshot")

@@ -2,6 +2,9 @@
 
     immich-backup --config /etc/homelab-immich/backup.json [--only dump|snapshot]
 
+The config's "only" (dump or snapshot) limits a host to its part when the database and the
+library are on different hosts.
+
 Runs as root (immich-backup.service, or backup.yml). The dump is
 `pg_dump --clean --if-exists --dbname=DB --username=USER` run inside the database container (as
 the service user for rootless deployments), gzip-compressed into <dump_dir>/immich-db-<time>.sql.gz
@@ -153,7 +156,9 @@ def main(argv=None):
         cfg = json.load(f)
     os.umask(0o077)
     try:
-        result = run(cfg, args.only)
+        # several hosts: the config says which part this host holds (the dump on the database host,
+        # the snapshot on the server's); --only narrows it further
+        result = run(cfg, args.only or cfg.get("only"))
     except (BackupError, OSError, KeyError) as exc:
         print(json.dumps({"failed": True, "msg": str(exc)}))
         print("immich-backup: %s" % exc, file=sys.stderr)
