@@ -3,7 +3,7 @@
 # Quick when everything is there; needs root (apt) otherwise.
 set -euo pipefail
 packages=(make git shellcheck btrfs-progs e2fsprogs util-linux dpkg apt debian-archive-keyring
-          debootstrap qemu-system-x86 qemu-utils openssh-client)
+          debootstrap qemu-system-x86 qemu-utils openssh-client nftables)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
