@@ -28,6 +28,10 @@ CASES = [
     ("no time for the health gate", {"immich_update_health_timeout": 0}, r"immich_update_health_timeout \| int > 0"),
     ("rollback point in /var", {"immich_update_rollback_dir": "/var"}, "immich_update_rollback_dir is match"),
     ("short password", {"immich_db_password": "short"}, "16 or more letters and digits"),
+    ("Valkey password with symbols", {"immich_redis_password": "pass word!pass word!"}, "immich_redis_password must be 16"),
+    ("one secret for two passwords", {"immich_redis_password_secret": "immich-db-password"},
+     "immich_redis_password_secret != immich_db_password_secret"),
+    ("host address with a space", {"immich_host_address": "10.0.0.1 10.0.0.2"}, "immich_host_address is match"),
     ("relative archive", {"immich_image_archives": ["images.tar"]}, "immich_image_archives"),
     ("short image name", {"immich_database_image": "postgres:14"}, "immich_database_image is match"),
     ("memory with a space", {"immich_database_memory_max": "1 GB"}, "immich_database_memory_max is match"),
@@ -52,6 +56,38 @@ CASES = [
     ("no dump kept", {"immich_backup_keep_dumps": 0}, "immich_backup_keep_dumps >= 1"),
     ("forced backend not present here", {"immich_ml_backend": "cuda"}, "cannot work on this host"),
 ]
+
+
+LOCAL = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+LAYOUTS = [
+    ("two servers", {"immich_database": ["a"], "immich_redis": ["a"], "immich_server": ["a", "b"], "immich_ml": ["a"]},
+     {}, "immich_server has 2 hosts"),
+    ("no ML host", {"immich_database": ["a"], "immich_redis": ["a"], "immich_server": ["a"], "immich_ml": []},
+     {}, "no host in immich_ml"),
+    ("a host with nothing to run", {"immich_database": ["a"], "immich_redis": ["a"], "immich_server": ["a"],
+                                    "immich_ml": ["a"], "immich": ["b"]}, {}, "host b is in none of"),
+    ("remote ML on a loopback address", {"immich_database": ["a"], "immich_redis": ["a"], "immich_server": ["a"],
+                                         "immich_ml": ["b"]},
+     {"b": {"immich_host_address": "127.0.0.2"}}, "a loopback address: set immich_host_address"),
+]
+
+
+@pytest.mark.parametrize("label, groups, hostvars, message", LAYOUTS, ids=[c[0] for c in LAYOUTS])
+def test_an_inventory_immich_cannot_run_is_refused_before_any_change(tmp_path, label, groups, hostvars, message):
+    """Several hosts: the layout is checked from the groups before anything changes on any host."""
+    inv = tmp_path / "hosts.yml"
+    children = {g: {"hosts": {h: {} for h in hosts}} for g, hosts in groups.items() if g != "immich"}
+    extra = {"hosts": {h: {} for h in groups.get("immich", [])}}
+    inv.write_text(json.dumps({"all": {
+        "children": {"immich": dict(extra, children=children)},
+        "hosts": {h: dict(LOCAL, **hostvars.get(h, {})) for h in ("a", "b")}}}))
+    env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
+    proc = subprocess.run([os.path.join(BIN, "ansible-playbook"), "-i", str(inv), "--check", os.path.join(ROOT, "site.yml")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert re.search(message, out), out[-3000:]
+    assert "TASK [homelab.immich.host : Service user" not in out.split("fatal:")[0]
 
 
 @pytest.fixture(scope="module")
