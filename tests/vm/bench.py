@@ -6,7 +6,9 @@ Measures, on one throwaway VM with the offline test images:
     written the usual way with containers.podman: podman_container state=quadlet per service plus
     systemd_service per unit, measured on the same kind of VM)
   - how many units restart when one service variable changes (must be exactly one)
-Writes build/bench.json and prints a table.
+  - converge time for two hosts (app: database, Valkey, server; GPU host: ML) on a private link,
+    both converged in parallel (forks), against the one-host converge above
+Writes build/bench.json and prints a table. --one-host skips the two-host part.
 """
 
 import json
@@ -63,6 +65,47 @@ def run_site(state, tmp, extra, label):
             "module_calls": len(remote), "restarted": restarts[0].replace("restarting ", "").split(", ") if restarts else []}
 
 
+TWO_HOSTS = {
+    # name: (private link LOCAL:REMOTE:ADDRESS/PREFIX, groups)
+    "bench-app": ("47411:47412:10.89.8.1/24", ["immich_database", "immich_redis", "immich_server"]),
+    "bench-gpu": ("47412:47411:10.89.8.2/24", ["immich_ml"]),
+}
+
+
+def write_two_host_inventory(states, tmp):
+    hosts = {}
+    for name, state in states.items():
+        hosts[name] = {"ansible_host": "127.0.0.1", "ansible_port": state["port"], "ansible_user": "root",
+                       "ansible_python_interpreter": "/usr/bin/python3",
+                       "ansible_ssh_private_key_file": state["identity_file"],
+                       "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+                       "immich_host_address": state["private"]["cidr"].split("/")[0]}
+    groups = {g: {"hosts": {n: {} for n, (_, gs) in TWO_HOSTS.items() if g in gs}}
+              for g in ("immich_database", "immich_redis", "immich_server", "immich_ml")}
+    with open(os.path.join(tmp, "hosts.yml"), "w") as f:
+        json.dump({"all": {"children": {"immich": {"children": groups}}, "hosts": hosts}}, f)
+
+
+def two_hosts(archive):
+    """Boot the two VMs, prepare both, converge both with one site.yml run (in parallel)."""
+    states = {}
+    try:
+        for name, (private, _) in TWO_HOSTS.items():
+            states[name] = vm.up(name, forwards=[(0, 2283)] if name == "bench-app" else [], memory=3072,
+                                 shares={"images": os.path.dirname(archive)}, private=vm.parse_private(private))
+        with tempfile.TemporaryDirectory() as tmp:
+            write_two_host_inventory(states, tmp)
+            env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"))
+            subprocess.run([os.path.join(BIN, "ansible-playbook"), "-i", os.path.join(tmp, "hosts.yml"),
+                            os.path.join(REPO, "molecule", "shared", "prepare.yml")], cwd=REPO, env=env, check=True,
+                           capture_output=True)
+            return run_site(None, tmp, dict(demo.OFFLINE_VARS), "converge-two-hosts")
+    finally:
+        if "--keep" not in sys.argv:
+            for name in TWO_HOSTS:
+                vm.down(name)
+
+
 def noop_only():
     """Re-measure the no-op run on a VM kept by --keep (for tuning); prints the slowest tasks."""
     state = vm.read_state(NAME)
@@ -97,6 +140,9 @@ def main():
     finally:
         if "--keep" not in sys.argv:
             vm.down(NAME)
+    if "--one-host" not in sys.argv:
+        report["converge_two_hosts"] = two_hosts(archive)
+        report["two_vs_one_host"] = round(report["converge_two_hosts"]["seconds"] / report["converge"]["seconds"], 2)
     report["reference_noop_seconds"] = REFERENCE_NOOP
     report["noop_ratio"] = round(report["noop"]["seconds"] / REFERENCE_NOOP, 2)
     os.makedirs(os.path.join(REPO, "build"), exist_ok=True)
@@ -111,6 +157,10 @@ def main():
         n["seconds"], n["tasks"], n["module_calls"], n["changed"]))
     print("  no-op vs containers.podman   %7.2f x  of ~%.0f s (target <= 0.5)" % (report["noop_ratio"], REFERENCE_NOOP))
     print("  one variable changed         %7.1f s  restarted: %s" % (o["seconds"], ", ".join(o["restarted"]) or "none"))
+    if "converge_two_hosts" in report:
+        t = report["converge_two_hosts"]
+        print("  converge, 2 hosts in parallel %6.1f s  %d tasks, %d module calls (%.2f x the one-host converge)" % (
+            t["seconds"], t["tasks"], t["module_calls"], report["two_vs_one_host"]))
     ok = n["changed"] == 0 and o["restarted"] == ["immich-redis.service"] and report["noop_ratio"] <= 0.5
     print("  %s" % ("targets met" if ok else "TARGETS MISSED"))
     return 0 if ok else 1
