@@ -80,7 +80,7 @@ def write_two_host_inventory(states, tmp):
                        "ansible_ssh_private_key_file": state["identity_file"],
                        "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
                        "immich_host_address": state["private"]["cidr"].split("/")[0]}
-    groups = {g: {"hosts": {n: {} for n, (_, gs) in TWO_HOSTS.items() if g in gs}}
+    groups = {g: {"hosts": {n: {} for n, (_link, gs) in TWO_HOSTS.items() if g in gs}}
               for g in ("immich_database", "immich_redis", "immich_server", "immich_ml")}
     with open(os.path.join(tmp, "hosts.yml"), "w") as f:
         json.dump({"all": {"children": {"immich": {"children": groups}}, "hosts": hosts}}, f)
@@ -90,7 +90,7 @@ def two_hosts(archive):
     """Boot the two VMs, prepare both, converge both with one site.yml run (in parallel)."""
     states = {}
     try:
-        for name, (private, _) in TWO_HOSTS.items():
+        for name, (private, _groups) in TWO_HOSTS.items():
             states[name] = vm.up(name, forwards=[(0, 2283)] if name == "bench-app" else [], memory=3072,
                                  shares={"images": os.path.dirname(archive)}, private=vm.parse_private(private))
         with tempfile.TemporaryDirectory() as tmp:

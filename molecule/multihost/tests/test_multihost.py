@@ -119,11 +119,11 @@ def test_ml_answers_the_app_host_only(app, gpu):
     assert http_from(app, "http://%s:3003/ping" % GPU, source=APP) == (0, "pong")
     app.run("ip addr add %s/24 dev ens5" % STRANGER)
     try:
-        rc, _ = http_from(app, "http://%s:3003/ping" % GPU, source=STRANGER)
+        rc = http_from(app, "http://%s:3003/ping" % GPU, source=STRANGER)[0]
         assert rc == 28, "another address on the link reached ML (curl rc %d)" % rc
     finally:
         app.run("ip addr del %s/24 dev ens5" % STRANGER)
-    rc, _ = http_from(gpu, "http://%s:3003/ping" % GPU)
+    rc = http_from(gpu, "http://%s:3003/ping" % GPU)[0]
     assert rc == 28, "the GPU host itself reached ML on the published address (curl rc %d)" % rc
     rules = gpu.run("nft list table inet homelab_immich").stdout
     drops = [int(n) for n in re.findall(r'tcp dport 3003 .*counter packets (\d+) .*drop', rules)]
