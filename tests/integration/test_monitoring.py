@@ -18,8 +18,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BIN = os.path.dirname(sys.executable)
 
 
+ALL_ROLES = ["database", "redis", "ml", "server"]
+
+
 def render(directory, **variables):
-    """Run the role's prometheus tasks on this machine (local connection) into directory."""
+    """Run the role's prometheus tasks on this machine (local connection) into directory; the host runs
+    every service unless __immich_roles says otherwise (as the host role works it out from the groups)."""
+    variables = dict({"__immich_roles": ALL_ROLES, "__immich_redis_auth": False}, **variables)
     play = directory / "play.yml"
     play.write_text(json.dumps([{
         "hosts": "localhost", "gather_facts": False,
@@ -73,6 +78,20 @@ def test_scrape_jobs_follow_the_enabled_exporters(full, minimal):
                           "immich_postgres": ["immich-postgres-exporter:9187"],
                           "immich_redis": ["immich-redis-exporter:9121"], "immich_node": ["node.lan:9100"]}
     assert jobs(minimal) == {"immich_api": ["immich-server:8081"], "immich_microservices": ["immich-server:8082"]}
+
+
+@pytest.mark.parametrize("roles, expected", [
+    (["ml"], {}),
+    (["redis", "ml"], {"immich_redis": ["immich-redis-exporter:9121"]}),
+    (["database", "server"], {"immich_api": ["immich-server:8081"], "immich_microservices": ["immich-server:8082"],
+                              "immich_postgres": ["immich-postgres-exporter:9187"]}),
+], ids=["ml-host", "ml-and-valkey-host", "app-host"])
+def test_on_several_hosts_each_scrapes_what_runs_there(promtool, tmp_path, roles, expected):
+    out = render(tmp_path, __immich_roles=roles, immich_monitoring_postgres_exporter=True,
+                 immich_monitoring_redis_exporter=True)
+    assert jobs(out) == expected
+    rc, text = promtool_run(promtool, ["check", "config", "prometheus.yml"], out)
+    assert rc == 0, text
 
 
 def firing(alert, labels):
