@@ -7,6 +7,9 @@
     vm.py down NAME                 stop it and remove its run directory
     vm.py status NAME               print its facts as JSON (exit 1 when it is not running)
     vm.py reboot NAME               reboot it from inside and boot the same disks again (print timings)
+    vm.py preload ARCHIVE           build (or reuse) the disk layer with ARCHIVE's images already loaded
+                                    (root's store and the service user's); print its path
+    vm.py up NAME --preload ARCHIVE boot over that layer instead of the bare image
 
 The image is a debootstrap'd trixie tree (systemd, podman 5.4 with quadlet and its runtime
 dependencies, openssh, python3, btrfs-progs) written to an ext4 disk with `mkfs.ext4 -d` (no loop
@@ -15,10 +18,19 @@ the hash covering this file and the package list, so a second run skips the buil
 a qcow2 overlay, so the cached image is never modified. Under TCG about 1 boot in 20 dies in an
 early kernel panic: qemu runs with panic=-1 and -no-reboot, so a panicked boot exits, and it is
 retried (bounded).
+
+Importing the test images costs ~45 s per VM under TCG (minutes for the real server image), so the
+scenarios that do not test the air-gapped load itself boot over a second cached layer: a qcow2 over
+the image, made once by booting it, creating the service user as the host role would (useradd, its
+subordinate ids) and loading the archive into root's and that user's podman storage, then powering
+off. It is keyed by the image's key, the archive's path (which holds the archive's own hash) and
+the recipe below, and lives beside the image under $HOMELAB_IMMICH_CACHE/vm/<hash>/preload/<key>.
 """
 
 import argparse
 import base64
+import contextlib
+import fcntl
 import hashlib
 import inspect
 import json
@@ -120,7 +132,7 @@ def mirror():
 
 def image_key():
     """Hash of everything that shapes the image (not the boot logic, which can change freely)."""
-    h = hashlib.sha256(inspect.getsource(build).encode())
+    h = hashlib.sha256(inspect.getsource(_build).encode())
     h.update(json.dumps([SUITE, PACKAGES, PRUNE_MODULES, ROOT_SIZE, GUEST_FILES, ENABLE, MASK], sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -129,11 +141,30 @@ def image_dir():
     return os.path.join(CACHE, "vm", image_key())
 
 
+@contextlib.contextmanager
+def cache_lock(name):
+    """One builder at a time for a cache entry (scenarios may run side by side)."""
+    os.makedirs(CACHE, exist_ok=True)
+    with open(os.path.join(CACHE, ".%s.lock" % name), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def build():
     """Build the VM image unless the cache has it; return its directory."""
     out = image_dir()
     if os.path.exists(os.path.join(out, "DONE")):
         return out
+    with cache_lock("vm-image"):
+        if os.path.exists(os.path.join(out, "DONE")):
+            return out
+        return _build(out)
+
+
+def _build(out):
     t0 = time.time()
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -184,12 +215,113 @@ def build():
     return out
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+# The service user as roles/host creates it (ansible.builtin.user: a home, the default shell of the
+# role, Debian's useradd adding the subordinate ids), and the archive loaded by root and by that user
+# with the runtime directory the user's manager will have, so podman's state matches later runs.
+# Linger is enabled only while loading and removed again: the converge still enables it.
+PRELOAD_USER = "immich"
+PRELOAD_SCRIPT = r"""
+set -eu
+user=%(user)s
+archive=/mnt/preload/%(archive)s
+mkdir -p /mnt/preload
+mountpoint -q /mnt/preload || mount -t 9p -o trans=virtio,version=9p2000.L,ro preload /mnt/preload
+podman load -q -i "$archive"
+id -u "$user" >/dev/null 2>&1 || useradd --create-home --shell /usr/sbin/nologin "$user"
+if ! grep -q "^$user:" /etc/subuid 2>/dev/null || ! grep -q "^$user:" /etc/subgid 2>/dev/null; then
+  start=$(cat /etc/subuid /etc/subgid 2>/dev/null | awk -F: 'BEGIN {m = 100000} NF == 3 {e = $2 + $3; if (e > m) m = e} END {print m}')
+  usermod --add-subuids "$start-$((start + 65535))" --add-subgids "$start-$((start + 65535))" "$user"
+fi
+uid=$(id -u "$user")
+loginctl enable-linger "$user"
+for _ in $(seq 240); do [ -S /run/user/$uid/bus ] && break; sleep 0.5; done
+cd /
+runuser -u "$user" -- env XDG_RUNTIME_DIR=/run/user/$uid DBUS_SESSION_BUS_ADDRESS=unix:path=/run/user/$uid/bus \
+  podman load -q -i "$archive"
+runuser -u "$user" -- env XDG_RUNTIME_DIR=/run/user/$uid podman image ls --format 'image {{.Repository}}:{{.Tag}}' | sort
+loginctl disable-linger "$user"
+for _ in $(seq 120); do systemctl -q is-active user@$uid.service || break; sleep 0.5; done
+umount /mnt/preload
+rm -rf /var/tmp/* /tmp/*
+: > /etc/machine-id
+sync
+"""
+
+
+def preload_key(archive):
+    h = hashlib.sha256(image_key().encode())
+    h.update(os.path.abspath(archive).encode())
+    h.update(os.path.getsize(archive).to_bytes(8, "big"))
+    h.update(inspect.getsource(_preload).encode())
+    h.update((PRELOAD_SCRIPT + PRELOAD_USER).encode())
+    return h.hexdigest()[:16]
+
+
+def preload_path(archive):
+    return os.path.join(image_dir(), "preload", preload_key(archive), "root.qcow2")
+
+
+def preload(archive):
+    """The disk layer with ARCHIVE's images loaded (built once, then reused); return its path."""
+    out = preload_path(archive)
+    if os.path.exists(out):
+        return out
+    with cache_lock("preload"):
+        if os.path.exists(out):
+            return out
+        return _preload(archive, out)
+
+
+def _preload(archive, out):
+    t0 = time.time()
+    name = "preload-" + os.path.basename(os.path.dirname(out))
+    state = up(name, shares={"preload": os.path.dirname(os.path.abspath(archive))}, memory=2048)
+    try:
+        script = PRELOAD_SCRIPT % {"user": PRELOAD_USER, "archive": os.path.basename(archive)}
+        proc = subprocess.run(ssh_base(state) + ["bash -s"], input=script, capture_output=True, text=True,
+                              timeout=1800, check=False)
+        if proc.returncode != 0:
+            raise SystemExit("preloading %s failed (rc %d):\n%s%s" % (archive, proc.returncode, proc.stdout, proc.stderr))
+        loaded = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("image ")]
+        subprocess.run(ssh_base(state) + ["systemctl poweroff"], capture_output=True, timeout=60, check=False)
+        deadline = time.time() + 180
+        while alive(state["pid"]) and time.time() < deadline:
+            time.sleep(0.5)
+        if alive(state["pid"]):
+            raise SystemExit("the preload VM did not power off within 180 s")
+        tmp = out + ".tmp"
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        shutil.move(os.path.join(state["run_dir"], "root.qcow2"), tmp)
+        with open(os.path.join(os.path.dirname(out), "DONE.json"), "w") as f:
+            json.dump({"archive": os.path.abspath(archive), "images": loaded, "seconds": round(time.time() - t0, 1)}, f)
+        os.rename(tmp, out)
+    finally:
+        down(name)
+    log("preload layer built in %.0f s (%d images): %s" % (time.time() - t0, len(loaded), out))
+    return out
+
+
+def ports_in_use():
+    """The host ports of every VM run directory (running or booting)."""
+    taken = set()
+    if os.path.isdir(RUNS):
+        for name in os.listdir(RUNS):
+            state = read_state(name) or {}
+            taken.update([state.get("port")] + [h for h, _g in state.get("forwards", [])])
+    return taken
+
+
+def free_port(taken=None):
+    """A free TCP port on 127.0.0.1, not in TAKEN (which it joins)."""
+    taken = set() if taken is None else taken
+    while True:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        if port not in taken:
+            taken.add(port)
+            return port
 
 
 def run_dir(name):
@@ -285,8 +417,7 @@ def boot(state, label, fresh_overlay):
             raise SystemExit("VM %s did not boot in %d attempts; last: %s" % (state["name"], BOOT_ATTEMPTS, problem))
         if fresh_overlay:
             os.unlink(os.path.join(rd, "root.qcow2"))
-            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", os.path.join(state["image"], "root.raw"),
-                 os.path.join(rd, "root.qcow2")])
+            overlay(state, os.path.join(rd, "root.qcow2"))
 
 
 def parse_private(text):
@@ -297,22 +428,38 @@ def parse_private(text):
             "mac": "52:54:00:%02x:%02x:%02x" % tuple(octets[1:])}
 
 
-def up(name, ssh_port=None, forwards=(), memory=3072, cpus=2, pool_size="8G", shares=None, private=None):
+def overlay(state, path):
+    """A fresh copy-on-write root over the bare image or over the preloaded layer."""
+    if state.get("backing"):
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", state["backing"], path])
+    else:
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", os.path.join(state["image"], "root.raw"), path])
+
+
+def up(name, ssh_port=None, forwards=(), memory=3072, cpus=2, pool_size="8G", shares=None, private=None,
+       preload_archive=None):
     existing = read_state(name)
     if existing and alive(existing.get("pid")):
         return existing
     image = build()
+    backing = preload(preload_archive) if preload_archive else None
     rd = run_dir(name)
     shutil.rmtree(rd, ignore_errors=True)
     os.makedirs(rd)
     key = os.path.join(rd, "id_ed25519")
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "homelab-immich-test-%s" % name, "-f", key])
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", os.path.join(image, "root.raw"),
-         os.path.join(rd, "root.qcow2")])
+    with cache_lock("ports"):
+        # scenarios may boot VMs side by side: a port another run directory holds is not free, and
+        # this one's state is written before its boot so that the next one sees its ports too
+        taken = ports_in_use()
+        state = dict(name=name, address="127.0.0.1", user="root", port=ssh_port or free_port(taken), identity_file=key,
+                     forwards=[[h or free_port(taken), g] for h, g in forwards], memory=memory, cpus=cpus, image=image,
+                     run_dir=rd, shares=dict(shares or {}), pool_disk="/dev/vdb", attempts=[], private=private,
+                     backing=backing)
+        with open(os.path.join(rd, "state.json"), "w") as f:
+            json.dump(state, f, indent=2)
+    overlay(state, os.path.join(rd, "root.qcow2"))
     run(["truncate", "-s", pool_size, os.path.join(rd, "pool.raw")])
-    state = dict(name=name, address="127.0.0.1", user="root", port=ssh_port or free_port(), identity_file=key,
-                 forwards=[[h or free_port(), g] for h, g in forwards], memory=memory, cpus=cpus, image=image, run_dir=rd,
-                 shares=dict(shares or {}), pool_disk="/dev/vdb", attempts=[], private=private)
     t0 = time.time()
     boot(state, "", fresh_overlay=True)
     state["boot_seconds"] = round(time.time() - t0, 1)
@@ -385,18 +532,23 @@ def main(argv=None):
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--pool-size", default="8G")
     p.add_argument("--share", action="append", default=[], help="TAG=DIR exported read-only over virtio-9p")
+    p.add_argument("--preload", metavar="ARCHIVE",
+                   help="boot over the cached layer with ARCHIVE's images already loaded (vm.py preload)")
     p.add_argument("--private", type=parse_private,
                    help="LOCAL_PORT:REMOTE_PORT:ADDRESS/PREFIX: a second NIC on a point-to-point link to the VM "
                         "started with the ports swapped (UDP on 127.0.0.1 only), with that static address")
     for n in ("down", "status", "reboot"):
         sub.add_parser(n).add_argument("name")
+    sub.add_parser("preload").add_argument("archive")
     args = ap.parse_args(argv)
     if args.cmd == "build":
         print(build())
     elif args.cmd == "up":
         shares = dict(s.split("=", 1) for s in args.share)
         print(json.dumps(up(args.name, args.ssh_port, args.forward, args.memory, args.cpus, args.pool_size, shares,
-                            args.private)))
+                            args.private, args.preload)))
+    elif args.cmd == "preload":
+        print(preload(args.archive))
     elif args.cmd == "reboot":
         print(json.dumps(reboot(args.name)))
     elif args.cmd == "down":
