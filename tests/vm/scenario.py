@@ -2,8 +2,10 @@
 
     scenario.py NAME [NAME ...]
 
-Stages follow each scenario's test_sequence. Timings (and whether the VM image and the test
-images came from the cache) are printed as a table and written to build/timings/<name>.json.
+Stages follow each scenario's test_sequence. Timings, how busy this machine's CPUs were during
+each stage (a stage near 100 % is bound by the 2 cores; a low one waits), and whether the VM image
+and the test images came from the cache are printed as a table and written to
+build/timings/<name>.json (`make test` gathers them into its report).
 """
 
 import json
@@ -23,10 +25,22 @@ import build as images  # noqa: E402  (tests/images/build.py)
 import vm  # noqa: E402
 
 
-def molecule(stage, scenario):
+def cpu_times():
+    """(busy, total) jiffies of all CPUs since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def molecule(stage, scenario, cpu=None):
     cmd = [os.path.join(os.path.dirname(sys.executable), "molecule"), stage, "-s", scenario]
     t0 = time.time()
+    busy0, total0 = cpu_times()
     proc = subprocess.run(cmd, cwd=REPO, check=False)
+    busy1, total1 = cpu_times()
+    if cpu is not None and total1 > total0:
+        cpu[stage] = round(100.0 * (busy1 - busy0) / (total1 - total0))
     return proc.returncode, time.time() - t0
 
 
@@ -36,7 +50,7 @@ def run(scenario):
     default = ["create", "prepare", "converge", "idempotence", "verify", "destroy"]
     sequence = config.get("scenario", {}).get("test_sequence") or default
     sequence = [s for s in sequence if s != "destroy"]
-    report = {"scenario": scenario, "stages": {}}
+    report = {"scenario": scenario, "stages": {}, "cpu_busy_percent": {}}
     instances = [p["name"] for p in config.get("platforms", [])]
     faults = [os.path.join(REPO, "build", "faults", "%s.json" % name) for name in instances]
     for path in faults:
@@ -55,13 +69,13 @@ def run(scenario):
     try:
         rc, secs = molecule("destroy", scenario)
         for stage in sequence:
-            rc, secs = molecule(stage, scenario)
+            rc, secs = molecule(stage, scenario, report["cpu_busy_percent"])
             report["stages"][stage] = round(secs, 1)
             if rc != 0:
                 failed = stage
                 break
     finally:
-        rc, secs = molecule("destroy", scenario)
+        rc, secs = molecule("destroy", scenario, report["cpu_busy_percent"])
         report["stages"]["destroy"] = round(secs, 1)
     report["total"] = round(time.time() - t0, 1)
     report["figures"] = {}
@@ -76,7 +90,8 @@ def run(scenario):
         json.dump(report, f, indent=1)
     print("\nscenario %s: %s" % (scenario, "FAILED at %s" % failed if failed else "passed"))
     for stage, secs in report["stages"].items():
-        print("  %-14s %7.1f s" % (stage, secs))
+        cpu = report["cpu_busy_percent"].get(stage)
+        print("  %-14s %7.1f s%s" % (stage, secs, "   cpu %3d %%" % cpu if cpu is not None else ""))
     print("  %-14s %7.1f s  (VM image %s, test images %s)" % (
         "total", report["total"], "cached" if report["vm_image_cached"] else "built",
         "cached" if report["test_images_cached"] else "built"))

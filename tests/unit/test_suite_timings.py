@@ -1,0 +1,109 @@
+"""The time table of `make test` (tests/suite.py) and the VM harness's port choice (tests/vm/vm.py):
+growth against the reference is named, lanes are balanced, a port another VM holds is not reused."""
+
+import importlib.util
+import json
+import os
+import socket
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return load("suite_under_test", os.path.join(ROOT, "tests", "suite.py"))
+
+
+@pytest.fixture()
+def vm(monkeypatch, tmp_path):
+    module = load("vm_under_test", os.path.join(ROOT, "tests", "vm", "vm.py"))
+    monkeypatch.setattr(module, "RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(module, "CACHE", str(tmp_path / "cache"))
+    return module
+
+
+def figures(**stages):
+    return {"layers": {"unit": 30.0}, "caches": {"vm-image": {"hit": False, "seconds": 95.0, "key": "vm/abc"}},
+            "stages": stages, "cpu": {name: 50 for name in stages}, "failed": [], "total": 100.0}
+
+
+def test_growth_is_more_than_20_percent_and_at_least_5_seconds(suite):
+    assert suite.grown(121.0, 100.0)
+    assert not suite.grown(119.0, 100.0)
+    assert not suite.grown(3.9, 3.0)  # +30 %, but under a second: noise
+    assert suite.grown(36.1, 30.0)
+    assert not suite.grown(500.0, None)  # a new stage has nothing to grow from
+
+
+def test_the_table_names_every_stage_that_grew(suite):
+    ref = {"layers": {"unit": 29.0}, "stages": {"day2/verify": 600.0, "default/converge": 200.0},
+           "caches": {"vm-image/miss": 94.0}, "total": 100.0}
+    text = suite.table(figures(**{"day2/verify": 900.0, "default/converge": 201.0}), ref)
+    grew = [line for line in text.splitlines() if line.startswith("  ") and "GREW" in line]
+    assert len(grew) == 1 and "day2/verify" in grew[0] and "+50%" in grew[0]
+    assert text.splitlines()[-1] == "grew against the reference: day2/verify"
+    assert "vm-image/miss" in text and "cpu 50 %" in text
+
+
+def test_without_a_reference_nothing_grew(suite):
+    text = suite.table(figures(**{"day2/verify": 900.0}), None)
+    assert text.splitlines()[-1] == "grew against the reference: nothing"
+
+
+def test_lanes_put_the_longest_first_and_balance_the_rest(suite):
+    ref = {"layers": {"molecule/day2": 1800, "molecule/default": 800, "molecule/multihost": 600,
+                      "molecule/rootful": 350, "molecule/rocm": 100}}
+    lanes = suite.lanes_for(["default", "day2", "multihost", "rocm", "rootful"], 2, ref)
+    assert lanes[0][0] == "day2" and lanes[1][:2] == ["default", "multihost"]
+    assert sorted(sum(lanes, [])) == ["day2", "default", "multihost", "rocm", "rootful"]
+    assert suite.lanes_for(["default", "day2"], 1, ref) == [["day2", "default"]]
+    assert suite.lanes_for(["rocm"], 4, ref) == [["rocm"]]
+
+
+def test_the_reference_is_written_only_from_a_passing_run(suite, monkeypatch, tmp_path):
+    out, ref = tmp_path / "timings", tmp_path / "reference.json"
+    out.mkdir()
+    monkeypatch.setattr(suite, "OUT", str(out))
+    monkeypatch.setattr(suite, "REFERENCE", str(ref))
+    failed = dict(figures(**{"day2/verify": 900.0}), failed=["molecule/day2"])
+    (out / "report.json").write_text(json.dumps(failed))
+    assert suite.write_reference() == 2 and not ref.exists()
+    (out / "report.json").write_text(json.dumps(figures(**{"day2/verify": 900.0})))
+    assert suite.write_reference() == 0
+    written = json.loads(ref.read_text())
+    assert written["stages"] == {"day2/verify": 900.0} and written["caches"] == {"vm-image/miss": 95.0}
+
+
+def test_a_port_held_by_another_run_directory_is_not_chosen(vm, monkeypatch):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    held = listener.getsockname()[1]
+    listener.close()
+    os.makedirs(os.path.join(vm.RUNS, "other"))
+    with open(os.path.join(vm.RUNS, "other", "state.json"), "w") as f:
+        json.dump({"port": held, "forwards": [[held + 1, 2283]]}, f)
+    offered = iter([held, held + 1, held + 2])
+
+    class FakeSocket:
+        def bind(self, _address):
+            self.port = next(offered)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(vm.socket, "socket", FakeSocket)
+    taken = vm.ports_in_use()
+    assert taken == {held, held + 1}
+    assert vm.free_port(taken) == held + 2 and held + 2 in taken
