@@ -24,6 +24,9 @@ sys.path.insert(0, os.path.join(REPO, "tests", "images"))
 import build as images  # noqa: E402  (tests/images/build.py)
 import vm  # noqa: E402
 
+# molecule and the playbooks it runs come from the interpreter's own bin directory (.venv)
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+
 
 def cpu_times():
     """(busy, total) jiffies of all CPUs since boot."""
