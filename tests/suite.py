@@ -194,7 +194,7 @@ def lanes_for(names, count, reference):
     (by the reference's scenario totals; unknown ones count as long)."""
     totals = (reference or {}).get("layers", {})
     order = sorted(names, key=lambda n: -totals.get("molecule/" + n, 3600))
-    lanes = [[] for _ in range(max(1, min(count, len(names))))]
+    lanes = [[] for lane in range(max(1, min(count, len(names))))]
     loads = [0.0] * len(lanes)
     for name in order:
         i = loads.index(min(loads))
