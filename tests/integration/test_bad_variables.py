@@ -26,6 +26,8 @@ CASES = [
     ("nocow policy", {"immich_nocow_on_unsupported": "ignore"}, "immich_nocow_on_unsupported"),
     ("negative free space", {"immich_min_free_gib": -1}, r"immich_min_free_gib \| int >= 0"),
     ("no time for the health gate", {"immich_update_health_timeout": 0}, r"immich_update_health_timeout \| int > 0"),
+    ("startup check never runs", {"immich_health_startup_interval": "0s"}, "immich_health_startup_interval is match"),
+    ("startup interval in words", {"immich_health_startup_interval": "five seconds"}, "immich_health_startup_interval is match"),
     ("rollback point in /var", {"immich_update_rollback_dir": "/var"}, "immich_update_rollback_dir is match"),
     ("short password", {"immich_db_password": "short"}, "16 or more letters and digits"),
     ("Valkey password with symbols", {"immich_redis_password": "pass word!pass word!"}, "immich_redis_password must be 16"),

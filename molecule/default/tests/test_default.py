@@ -7,11 +7,12 @@ import json
 import os
 import re
 import subprocess
+import time
 import urllib.request
 
 import pytest
-from vmhelpers import (EPHEMERAL, EXPORTERS, PROJECT, PUBLISHED, ROOTLESS, SERVICES, STORAGE, USER, podman, promtool, record,
-                       systemctl, vm_state)
+from vmhelpers import (EPHEMERAL, EXPORTERS, PROJECT, PUBLISHED, ROOTLESS, SERVICES, STORAGE, USER, container_state, podman,
+                       promtool, record, systemctl, vm_state, wait_until)
 
 UNIT_DIR = "/home/%s/.config/containers/systemd" % USER if ROOTLESS else "/etc/containers/systemd"
 
@@ -283,3 +284,25 @@ def test_exposure_only_the_server_port_on_the_external_address(host):
     listening = host.run("ss -Htln").stdout
     for port in internal.split(","):
         assert not re.search(r":%s\s" % port, listening), listening
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_the_health_check_also_runs_as_the_startup_check(host, service):
+    """Notify=healthy reports a start done when the startup check first passes (every 5 s), not at
+    the first regular check one interval (30 s) later; the same command judges both."""
+    config = json.loads(podman(host, "inspect %s --format '{{json .Config}}'" % SERVICES[service][0]).stdout)
+    startup = config.get("StartupHealthCheck") or {}
+    assert startup.get("Test") == config["Healthcheck"]["Test"], config
+    assert (startup.get("StartInterval") or startup.get("Interval")) == 5 * 10 ** 9, startup
+
+
+def test_a_restart_returns_healthy_on_a_new_container(host):
+    """systemctl restart returns once the new container's startup check passed (Notify=healthy)."""
+    _status, before = container_state(host, "immich_redis")
+    t0 = time.time()
+    assert systemctl(host, "restart immich-redis.service").rc == 0
+    record(host.backend.get_hostname(), "redis_restart_seconds", round(time.time() - t0, 1))
+    status, after = container_state(host, "immich_redis")
+    assert status == "healthy" and after not in (before, None), (status, before, after)
+    assert wait_until(lambda: podman(host, "exec immich_server curl -fsS http://127.0.0.1:2283/api/server/ping").rc == 0,
+                      60, 2) is not None
