@@ -20,6 +20,7 @@ committed reference, tests/timings-reference.json. It is a report: no time fails
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -162,6 +163,27 @@ def report(figures):
     print("\n" + text, flush=True)
 
 
+FAILURE_MARKS = re.compile(r"FAILED|ERROR|fatal:|failed: \[|Error\b|^E +")
+
+
+def why_failed(name):
+    """The lines of a failed layer's output that say what failed, for the very end of the output
+    (where a CI log that keeps only its tail still shows them): a scenario's failed tests, failed
+    tasks and failed stage from build/timings/<scenario>.log."""
+    if not name.startswith("molecule/"):
+        return "FAILED: %s (its output is above the table)" % name
+    path = os.path.join(OUT, "%s.log" % name.split("/", 1)[1])
+    colour = re.compile(r"\x1b\[[0-9;]*m")
+    try:
+        with open(path, errors="replace") as f:
+            lines = [colour.sub("", line).strip(" \u2502\n") for line in f]
+    except OSError:
+        return "FAILED: %s (no log at %s)" % (name, path)
+    marked = [line for line in lines if FAILURE_MARKS.search(line)]
+    said = "\n  ".join(marked[-40:]) or "(nothing marked)"
+    return "FAILED: %s; what its log (%s) says failed:\n  %s" % (name, os.path.relpath(path, REPO), said)
+
+
 def write_reference():
     figures = load("report.json")
     if not figures:
@@ -286,6 +308,8 @@ def main(argv):
             figures["layers"]["prebuild (background)"] = prebuild.seconds
         figures["total"] = round(time.time() - t0, 1)
         report(figures)
+        for name in figures["failed"]:
+            print(why_failed(name), flush=True)
     if ok:
         print("make test: all layers passed")
     return 0 if ok else 1

@@ -107,3 +107,23 @@ def test_a_port_held_by_another_run_directory_is_not_chosen(vm, monkeypatch):
     taken = vm.ports_in_use()
     assert taken == {held, held + 1}
     assert vm.free_port(taken) == held + 2 and held + 2 in taken
+
+
+def test_a_failed_scenario_is_explained_at_the_very_end(suite, monkeypatch, tmp_path):
+    """The lines that say what failed are printed after the table (a CI log keeps only its tail)."""
+    monkeypatch.setattr(suite, "OUT", str(tmp_path))
+    (tmp_path / "day2.log").write_text(
+        "\x1b[36mINFO\x1b[0m day2 \u279c converge: Executed: Successful\n"
+        "  \x1b[2m\u2502\x1b[0m E       AssertionError: not healthy after 45 s\n"
+        "  \x1b[2m\u2502\x1b[0m FAILED test_day2.py::test_restore - AssertionError\n"
+        "  \x1b[2m\u2502\x1b[0m 12 passed in 99 s\n"
+        "\x1b[31mERROR\x1b[0m    day2 \u279c verify: Executed: Failed\n"
+        "scenario day2: FAILED at verify\n")
+    text = suite.why_failed("molecule/day2")
+    assert text.splitlines() == [
+        "FAILED: molecule/day2; what its log (%s) says failed:" % os.path.relpath(str(tmp_path / "day2.log"), ROOT),
+        "  E       AssertionError: not healthy after 45 s",
+        "  FAILED test_day2.py::test_restore - AssertionError",
+        "  ERROR    day2 \u279c verify: Executed: Failed",
+        "  scenario day2: FAILED at verify"]
+    assert "above the table" in suite.why_failed("unit")
