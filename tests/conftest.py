@@ -1,5 +1,7 @@
-"""Shared pytest setup: import the collection in place, and refuse silent skips."""
+"""Shared pytest setup: import the collection in place, load its scripts as modules, and refuse
+silent skips."""
 
+import importlib.util
 import os
 import sys
 
@@ -9,6 +11,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLLECTIONS = os.path.join(ROOT, ".collections")
 if COLLECTIONS not in sys.path:
     sys.path.insert(0, COLLECTIONS)
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """load_script(name, path): a script of the project (not a package: a shipped script, a test
+    tool) imported as the module NAME."""
+    def load(name, path):
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
 
 
 def pytest_sessionfinish(session, exitstatus):

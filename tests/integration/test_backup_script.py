@@ -5,7 +5,6 @@ Needs root (mount, btrfs subvolumes), as CI has.
 """
 
 import gzip
-import importlib.util
 import json
 import os
 import stat
@@ -86,11 +85,9 @@ def test_dump_snapshot_and_metadata(fake_podman, tmp_path, top):
     assert not [n for n in os.listdir(cfg["dump_dir"]) if n.endswith(".tmp")]
 
 
-def test_retention_keeps_the_newest(fake_podman, tmp_path, top, monkeypatch):
+def test_retention_keeps_the_newest(fake_podman, tmp_path, top, monkeypatch, load_script):
     cfg_path, cfg = config(tmp_path, top)
-    spec = importlib.util.spec_from_file_location("immich_backup", SCRIPT)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
+    m = load_script("immich_backup", SCRIPT)
     stamps = iter(["20260101T000000Z", "20260102T000000Z", "20260103T000000Z", "20260104T000000Z"])
     monkeypatch.setattr(m.time, "strftime", lambda fmt, t=None: next(stamps))
     results = [m.run(cfg) for _run in range(4)]

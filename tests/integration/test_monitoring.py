@@ -5,7 +5,6 @@ promtool is Debian 13's (tests/tools/fetch-promtool.sh). The alerts are proven w
 writes, firing just after its threshold and duration and not before.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -219,11 +218,8 @@ def test_thresholds_are_variables(promtool, tmp_path):
     assert rc == 0, text
 
 
-def test_collector_output_is_valid_exposition_format(promtool, tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "immich_metrics", os.path.join(ROOT, "roles", "monitoring", "files", "immich-metrics.py"))
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
+def test_collector_output_is_valid_exposition_format(promtool, tmp_path, load_script):
+    m = load_script("immich_metrics", os.path.join(ROOT, "roles", "monitoring", "files", "immich-metrics.py"))
     services = [("immich-server.service", "immich_server"), ("immich-database.service", "immich_postgres")]
     show = ("Id=immich-server.service\nActiveState=active\nNRestarts=1\nMemoryCurrent=1000\nMemoryMax=2000\n\n"
             "Id=immich-database.service\nActiveState=active\nNRestarts=0\nMemoryCurrent=10\nMemoryMax=infinity\n")

@@ -1,6 +1,5 @@
 """playbooks/files/immich-diagnose.py: its summary and its problem detection, without a host."""
 
-import importlib.util
 import json
 import os
 
@@ -10,12 +9,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture(scope="module")
-def d():
-    spec = importlib.util.spec_from_file_location("immich_diagnose",
-                                                  os.path.join(ROOT, "playbooks", "files", "immich-diagnose.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def d(load_script):
+    return load_script("immich_diagnose", os.path.join(ROOT, "playbooks", "files", "immich-diagnose.py"))
 
 
 CFG = {"user": "", "services": {"immich-server.service": "immich_server",

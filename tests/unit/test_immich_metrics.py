@@ -1,6 +1,5 @@
 """The monitoring role's state collector (roles/monitoring/files/immich-metrics.py)."""
 
-import importlib.util
 import os
 import stat
 
@@ -11,11 +10,8 @@ SCRIPT = os.path.join(ROOT, "roles", "monitoring", "files", "immich-metrics.py")
 
 
 @pytest.fixture(scope="module")
-def m():
-    spec = importlib.util.spec_from_file_location("immich_metrics", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def m(load_script):
+    return load_script("immich_metrics", SCRIPT)
 
 
 SHOW = """Id=immich-database.service

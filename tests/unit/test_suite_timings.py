@@ -1,7 +1,6 @@
 """The time table of `make test` (tests/suite.py) and the VM harness's port choice (tests/vm/vm.py):
 growth against the reference is named, lanes are balanced, a port another VM holds is not reused."""
 
-import importlib.util
 import json
 import os
 import socket
@@ -11,21 +10,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def suite():
-    return load("suite_under_test", os.path.join(ROOT, "tests", "suite.py"))
+def suite(load_script):
+    return load_script("suite_under_test", os.path.join(ROOT, "tests", "suite.py"))
 
 
 @pytest.fixture()
-def vm(monkeypatch, tmp_path):
-    module = load("vm_under_test", os.path.join(ROOT, "tests", "vm", "vm.py"))
+def vm(monkeypatch, tmp_path, load_script):
+    module = load_script("vm_under_test", os.path.join(ROOT, "tests", "vm", "vm.py"))
     monkeypatch.setattr(module, "RUNS", str(tmp_path / "runs"))
     monkeypatch.setattr(module, "CACHE", str(tmp_path / "cache"))
     return module

@@ -1,7 +1,6 @@
 """The offline test images' archive (tests/images/build.py) and the server stand-in's variants:
 what update.yml's VM tests rely on."""
 
-import importlib.util
 import json
 import os
 import tarfile
@@ -11,16 +10,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def build():
-    return load("test_images_build", os.path.join(ROOT, "tests", "images", "build.py"))
+def build(load_script):
+    return load_script("test_images_build", os.path.join(ROOT, "tests", "images", "build.py"))
 
 
 def test_variants_share_the_layers_and_differ_only_in_their_environment(build, tmp_path):
@@ -44,10 +37,10 @@ def test_variants_share_the_layers_and_differ_only_in_their_environment(build, t
     assert env["standin-broken"] == env["standin"] + ["STANDIN_NEVER_HEALTHY=1"]
 
 
-def run_standin(monkeypatch, env):
+def run_standin(monkeypatch, load_script, env):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    return load("standin_server", os.path.join(ROOT, "tests", "images", "standin", "server.py"))
+    return load_script("standin_server", os.path.join(ROOT, "tests", "images", "standin", "server.py"))
 
 
 class FakeRequest:
@@ -63,10 +56,10 @@ class FakeRequest:
     ({"STANDIN_VERSION": "3.2.0"}, "3.2.0", 200),
     ({"STANDIN_NEVER_HEALTHY": "1"}, "3.1.0", 503),
 ])
-def test_the_server_standin_reports_its_variant(monkeypatch, env, version, ping):
+def test_the_server_standin_reports_its_variant(monkeypatch, load_script, env, version, ping):
     monkeypatch.delenv("STANDIN_VERSION", raising=False)
     monkeypatch.delenv("STANDIN_NEVER_HEALTHY", raising=False)
-    server = run_standin(monkeypatch, env)
+    server = run_standin(monkeypatch, load_script, env)
     server.run_checks = lambda: {"database": {"ok": True, "detail": "stub"}}  # every contract check passes
     req = FakeRequest(server.Handler, "/api/server/version")
     req.handler.do_GET()
