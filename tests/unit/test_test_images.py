@@ -10,7 +10,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-
 @pytest.fixture(scope="module")
 def build(load_script):
     return load_script("test_images_build", os.path.join(ROOT, "tests", "images", "build.py"))
