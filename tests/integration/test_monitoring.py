@@ -20,25 +20,53 @@ BIN = os.path.dirname(sys.executable)
 ALL_ROLES = ["database", "redis", "ml", "server"]
 
 
-def render(directory, **variables):
-    """Run the role's prometheus tasks on this machine (local connection) into directory; the host runs
-    every service unless __immich_roles says otherwise (as the host role works it out from the groups)."""
+def play(directory, *args, **variables):
+    """Run the role's prometheus tasks on this machine (local connection) into directory/out; the host
+    runs every service unless __immich_roles says otherwise (as the host role works it out from the
+    groups). Returns the play's output."""
     variables = dict({"__immich_roles": ALL_ROLES, "__immich_redis_auth": False}, **variables)
-    play = directory / "play.yml"
-    play.write_text(json.dumps([{
+    path = directory / "play.yml"
+    path.write_text(json.dumps([{
         "hosts": "localhost", "gather_facts": False,
         "tasks": [{"ansible.builtin.include_role": {"name": "homelab.immich.monitoring", "tasks_from": "prometheus"},
                    "vars": dict(variables, immich_monitoring_prometheus_dir=str(directory / "out"))}]}]))
     env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1")
     proc = subprocess.run([os.path.join(BIN, "ansible-playbook"), "-i", "localhost,", "-c", "local",
-                           "-e", "ansible_python_interpreter=%s" % sys.executable, str(play)],
+                           "-e", "ansible_python_interpreter=%s" % sys.executable, str(path)] + list(args),
                           cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def render(directory, **variables):
+    """The files the role writes, with a prometheus.yml that reads them, in directory/out."""
+    play(directory, **variables)
     out = directory / "out"
     (out / "prometheus.yml").write_text(yaml.safe_dump({
         "global": {"scrape_interval": "15s", "evaluation_interval": "1m"},
         "rule_files": ["immich-alerts.yml"], "scrape_config_files": ["immich-scrape.yml"]}))
     return out
+
+
+def test_check_mode_writes_nothing_and_a_second_run_changes_nothing(tmp_path):
+    """One probe decides: check mode on a host without the directory reports the change and makes
+    nothing; the real run makes the directory and both files; the next run changes nothing."""
+    out = tmp_path / "out"
+    checked = play(tmp_path, "--check")
+    assert "changed=1" in checked and not out.exists(), checked[-2000:]
+    first = play(tmp_path)
+    # (the recap counts tasks: the directory, then the files)
+    assert "changed=2" in first, first[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["immich-alerts.yml", "immich-scrape.yml"]
+    assert oct(out.stat().st_mode & 0o777) == "0o755" and oct((out / "immich-scrape.yml").stat().st_mode & 0o777) == "0o644"
+    rules = (out / "immich-alerts.yml").read_text()
+    again = play(tmp_path)
+    assert "changed=0" in again and "Write the files that differ] ***" in again, again[-2000:]
+    (out / "immich-alerts.yml").write_text("edited by hand\n")
+    out.chmod(0o700)
+    mended = play(tmp_path)
+    assert "changed=2" in mended and "immich-scrape.yml" not in mended.split("Write the files that differ", 1)[1], mended[-2000:]
+    assert oct(out.stat().st_mode & 0o777) == "0o755" and (out / "immich-alerts.yml").read_text() == rules
 
 
 @pytest.fixture(scope="module")
