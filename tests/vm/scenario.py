@@ -5,7 +5,10 @@
 Stages follow each scenario's test_sequence. Timings, how busy this machine's CPUs were during
 each stage (a stage near 100 % is bound by the 2 cores; a low one waits), and whether the VM image
 and the test images came from the cache are printed as a table and written to
-build/timings/<name>.json (`make test` gathers them into its report).
+build/timings/<name>.json (`make test` gathers them into its report). Every ansible-playbook a
+stage runs (the verify stage's own included) writes each task's time to
+build/timings/<name>.tasks.jsonl (tests/vm/callback_plugins/tasktimes.py); the table adds, per
+stage, the tasks, the calls that reached a host and the time per playbook, and the slowest tasks.
 """
 
 import json
@@ -36,11 +39,54 @@ def cpu_times():
     return sum(fields) - idle, sum(fields)
 
 
-def molecule(stage, scenario, cpu=None):
+def tasktimes_env(path, stage):
+    """The environment that has every ansible-playbook of a stage (molecule's, and those its verify
+    runs) write each task's time to PATH (tests/vm/callback_plugins/tasktimes.py)."""
+    env = dict(os.environ, HOMELAB_TASKTIMES=path, HOMELAB_TASKTIMES_STAGE=stage)
+    env["ANSIBLE_CALLBACK_PLUGINS"] = os.pathsep.join(
+        [os.path.join(HERE, "callback_plugins")] + [p for p in [os.environ.get("ANSIBLE_CALLBACK_PLUGINS")] if p])
+    env["ANSIBLE_CALLBACKS_ENABLED"] = ",".join(
+        [c for c in os.environ.get("ANSIBLE_CALLBACKS_ENABLED", "").split(",") if c] + ["tasktimes"])
+    return env
+
+
+def slowest(path, count=12):
+    """From a scenario's task lines: per stage its playbook runs, tasks and the calls that reached a
+    host; the COUNT tasks that took longest in all (summed over runs)."""
+    stages, tasks = {}, {}
+    try:
+        with open(path) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+    except OSError:
+        return {"stages": {}, "slowest": []}
+    for t in lines:
+        entry = stages.setdefault(t["stage"], {"seconds": 0.0, "tasks": 0, "host_calls": 0, "host_call_seconds": 0.0,
+                                               "playbooks": {}})
+        calls = (t["items"] or t["ran"]) if t["remote"] else 0
+        entry["seconds"] += t["seconds"]
+        entry["tasks"] += 1
+        entry["host_calls"] += calls
+        entry["host_call_seconds"] += t["seconds"] if calls else 0.0
+        entry["playbooks"][t["playbook"]] = entry["playbooks"].get(t["playbook"], 0.0) + t["seconds"]
+        key = "%s | %s" % (t["playbook"], t["task"])
+        agg = tasks.setdefault(key, {"task": key, "action": t["action"], "runs": 0, "seconds": 0.0})
+        agg["runs"] += 1
+        agg["seconds"] += t["seconds"]
+    for entry in stages.values():
+        for k in ("seconds", "host_call_seconds"):
+            entry[k] = round(entry[k], 1)
+        entry["playbooks"] = {k: round(v, 1) for k, v in sorted(entry["playbooks"].items(), key=lambda kv: -kv[1])}
+    top = sorted(tasks.values(), key=lambda a: -a["seconds"])[:count]
+    for agg in top:
+        agg["seconds"] = round(agg["seconds"], 1)
+    return {"stages": stages, "slowest": top}
+
+
+def molecule(stage, scenario, cpu=None, tasktimes=None):
     cmd = [os.path.join(os.path.dirname(sys.executable), "molecule"), stage, "-s", scenario]
     t0 = time.time()
     busy0, total0 = cpu_times()
-    proc = subprocess.run(cmd, cwd=REPO, check=False)
+    proc = subprocess.run(cmd, cwd=REPO, check=False, env=tasktimes_env(tasktimes, stage) if tasktimes else None)
     busy1, total1 = cpu_times()
     if cpu is not None and total1 > total0:
         cpu[stage] = round(100.0 * (busy1 - busy0) / (total1 - total0))
@@ -59,6 +105,11 @@ def run(scenario):
     for path in faults:
         if os.path.exists(path):
             os.unlink(path)
+    out = os.path.join(REPO, "build", "timings")
+    os.makedirs(out, exist_ok=True)
+    tasktimes = os.path.join(out, "%s.tasks.jsonl" % scenario)
+    if os.path.exists(tasktimes):
+        os.unlink(tasktimes)
     t0 = time.time()
     report["vm_image_cached"] = os.path.exists(os.path.join(vm.image_dir(), "DONE"))
     t = time.time()
@@ -72,7 +123,7 @@ def run(scenario):
     try:
         rc, secs = molecule("destroy", scenario)
         for stage in sequence:
-            rc, secs = molecule(stage, scenario, report["cpu_busy_percent"])
+            rc, secs = molecule(stage, scenario, report["cpu_busy_percent"], tasktimes)
             report["stages"][stage] = round(secs, 1)
             if rc != 0:
                 failed = stage
@@ -87,8 +138,7 @@ def run(scenario):
             with open(path) as f:
                 report["figures"][name] = json.load(f)
     report["failed_stage"] = failed
-    out = os.path.join(REPO, "build", "timings")
-    os.makedirs(out, exist_ok=True)
+    report["tasks"] = slowest(tasktimes)
     with open(os.path.join(out, "%s.json" % scenario), "w") as f:
         json.dump(report, f, indent=1)
     print("\nscenario %s: %s" % (scenario, "FAILED at %s" % failed if failed else "passed"))
@@ -98,6 +148,13 @@ def run(scenario):
     print("  %-14s %7.1f s  (VM image %s, test images %s)" % (
         "total", report["total"], "cached" if report["vm_image_cached"] else "built",
         "cached" if report["test_images_cached"] else "built"))
+    for stage, entry in report["tasks"]["stages"].items():
+        print("  %-14s %d task(s) in %.0f s; %d call(s) to a host took %.0f s; by playbook: %s" % (
+            stage, entry["tasks"], entry["seconds"], entry["host_calls"], entry["host_call_seconds"],
+            ", ".join("%s %.0f s" % kv for kv in entry["playbooks"].items())))
+    print("  slowest tasks (summed over every run; build/timings/%s.tasks.jsonl has each):" % scenario)
+    for agg in report["tasks"]["slowest"]:
+        print("    %7.1f s  %3d run(s)  %s  (%s)" % (agg["seconds"], agg["runs"], agg["task"], agg["action"]))
     for name, figures in report["figures"].items():
         print("  figures of %s:" % name)
         for key, value in sorted(figures.items()):
