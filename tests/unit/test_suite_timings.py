@@ -46,6 +46,15 @@ def test_the_table_names_every_stage_that_grew(suite):
     assert "vm-image/miss" in text and "cpu 50 %" in text
 
 
+def test_a_row_that_took_no_time_in_the_reference_can_grow(suite):
+    """A cold run waits for the prebuild the warm reference never waited for (0 s): named, no crash."""
+    ref = {"layers": {"unit": 29.0, "prebuild (waited for)": 0.0}, "stages": {}, "caches": {}, "total": 100.0}
+    now = figures()
+    now["layers"]["prebuild (waited for)"] = 180.0
+    text = suite.table(now, ref)
+    assert "GREW from 0" in text and text.splitlines()[-1] == "grew against the reference: prebuild (waited for)"
+
+
 def test_without_a_reference_nothing_grew(suite):
     text = suite.table(figures(**{"day2/verify": 900.0}), None)
     assert text.splitlines()[-1] == "grew against the reference: nothing"
