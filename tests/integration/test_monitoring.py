@@ -49,24 +49,30 @@ def render(directory, **variables):
 
 
 def test_check_mode_writes_nothing_and_a_second_run_changes_nothing(tmp_path):
-    """One probe decides: check mode on a host without the directory reports the change and makes
-    nothing; the real run makes the directory and both files; the next run changes nothing."""
+    """One module call decides: check mode on a host without the directory reports the change and
+    makes nothing; the real run makes the directory and both files; the next run changes nothing;
+    a file edited by hand and a wrong directory mode are mended, the untouched file is not rewritten."""
     out = tmp_path / "out"
-    checked = play(tmp_path, "--check")
+    checked = play(tmp_path, "--check", "--diff")
     assert "changed=1" in checked and not out.exists(), checked[-2000:]
+    assert "+groups:" in checked  # the diff shows the rules that would be written
     first = play(tmp_path)
-    # (the recap counts tasks: the directory, then the files)
-    assert "changed=2" in first, first[-2000:]
+    assert "changed=1" in first, first[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["immich-alerts.yml", "immich-scrape.yml"]
     assert oct(out.stat().st_mode & 0o777) == "0o755" and oct((out / "immich-scrape.yml").stat().st_mode & 0o777) == "0o644"
     rules = (out / "immich-alerts.yml").read_text()
+    scrape_inode = (out / "immich-scrape.yml").stat().st_ino
     again = play(tmp_path)
-    assert "changed=0" in again and "Write the files that differ] ***" in again, again[-2000:]
+    assert "changed=0" in again and "Install the files and run the unit" in again, again[-2000:]
     (out / "immich-alerts.yml").write_text("edited by hand\n")
     out.chmod(0o700)
-    mended = play(tmp_path)
-    assert "changed=2" in mended and "immich-scrape.yml" not in mended.split("Write the files that differ", 1)[1], mended[-2000:]
+    mended = play(tmp_path, "-v")
+    assert "changed=1" in mended, mended[-2000:]
+    written = mended.split("changed_files:", 1)[1].split("unit_actions:", 1)[0]
+    assert str(out / "immich-alerts.yml") in written and "immich-scrape.yml" not in written, mended[-3000:]
+    assert str(out) in mended.split("changed_directories:", 1)[1].split("changed_files:", 1)[0], mended[-3000:]
     assert oct(out.stat().st_mode & 0o777) == "0o755" and (out / "immich-alerts.yml").read_text() == rules
+    assert (out / "immich-scrape.yml").stat().st_ino == scrape_inode  # written atomically only when it differs
 
 
 @pytest.fixture(scope="module")

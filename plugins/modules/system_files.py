@@ -1,0 +1,348 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: homelab.immich contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: system_files
+short_description: Install several root-owned files and run the systemd unit they make, in one call
+version_added: 0.1.0
+description:
+  - Reads every directory and file given (type, content, mode, owner, group) and writes only what
+    differs, each file atomically (a temporary file in the same directory, fsync, rename, the
+    directory fsynced), with its owner and mode set before it appears.
+  - With O(unit), reloads systemd when a file changed, enables the unit and starts it (or restarts
+    it when a file changed and O(restart) is true). Nothing is touched when everything is as asked,
+    one round trip, one C(systemctl show) to read the unit.
+  - Every entry is checked before anything is written (absolute paths, modes, owners and groups
+    that exist, a directory for every file, nothing of another type in the way), so a bad entry
+    changes nothing.
+  - For scripts, their settings and their systemd units; not for secrets (the diff shows the content).
+options:
+  files:
+    description: The files, each with its full content.
+    type: list
+    elements: dict
+    required: true
+    suboptions:
+      dest:
+        description: Absolute path of the file. Its directory must exist or be one of O(directories).
+        type: path
+        required: true
+      content:
+        description: The file's content (text, written as UTF-8).
+        type: str
+        required: true
+      mode:
+        description: Octal permission as a string, such as C('0644').
+        type: raw
+        default: '0644'
+      owner:
+        description: Owning user.
+        type: str
+        default: root
+      group:
+        description: Owning group.
+        type: str
+        default: root
+  directories:
+    description: Directories made (or given this mode and owner) before the files are written.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      path:
+        description: Absolute path. Missing parents are made with the same mode and owner.
+        type: path
+        required: true
+      mode:
+        description: Octal permission as a string, such as C('0755').
+        type: raw
+        default: '0755'
+      owner:
+        description: Owning user.
+        type: str
+        default: root
+      group:
+        description: Owning group.
+        type: str
+        default: root
+  unit:
+    description:
+      - A system unit (C(NAME.timer), C(NAME.service)...) to enable and keep running. Empty for none.
+    type: str
+    default: ''
+  restart:
+    description:
+      - Restart O(unit) when a file changed (a oneshot service that applies its files, such as firewall
+        rules) instead of only starting it when it is not active.
+    type: bool
+    default: false
+attributes:
+  check_mode:
+    support: full
+    description: Reports what would be written and done to the unit; writes nothing and calls no systemctl verb that changes anything.
+  diff_mode:
+    support: full
+    description: Returns a before/after for every file that changes (content, and mode or owner).
+  platform:
+    platforms: posix
+    support: full
+    description: Needs systemd on the target only with O(unit).
+notes:
+  - Only the Python standard library is needed on the target.
+author:
+  - homelab.immich maintainers (@homelab-immich)
+"""
+
+EXAMPLES = r"""
+- name: Install the backup and run its timer
+  homelab.immich.system_files:
+    files:
+      - dest: /usr/local/sbin/homelab-immich-backup
+        mode: "0755"
+        content: "{{ lookup('ansible.builtin.file', 'immich-backup.py') }}"
+      - dest: /etc/systemd/system/immich-backup.service
+        content: "{{ lookup('ansible.builtin.template', 'immich-backup.service.j2') }}"
+      - dest: /etc/systemd/system/immich-backup.timer
+        content: "{{ lookup('ansible.builtin.template', 'immich-backup.timer.j2') }}"
+    unit: immich-backup.timer
+
+- name: Files another program reads, in a directory made for them
+  homelab.immich.system_files:
+    directories:
+      - path: /etc/prometheus/immich
+    files:
+      - dest: /etc/prometheus/immich/immich-alerts.yml
+        content: "{{ rules }}"
+"""
+
+RETURN = r"""
+changed_files:
+  description: The files written (or that would be, in check mode).
+  returned: always
+  type: list
+  elements: str
+  sample: [/etc/systemd/system/immich-backup.timer]
+changed_directories:
+  description: The directories made or given another mode or owner.
+  returned: always
+  type: list
+  elements: str
+unit_actions:
+  description: What was done to O(unit), in order (C(daemon-reload), C(enable), C(start), C(restart)).
+  returned: always
+  type: list
+  elements: str
+  sample: [daemon-reload, enable, start]
+unit_state:
+  description: The unit's state as read before any change (C(UnitFileState), C(ActiveState)); empty without O(unit) or when the unit is new.
+  returned: always
+  type: dict
+  sample: {UnitFileState: enabled, ActiveState: active}
+"""
+
+import grp
+import os
+import pwd
+import stat
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.homelab.immich.plugins.module_utils.fileops import atomic_write, parse_mode, read_bytes
+
+
+# unit file states that need no `systemctl enable` (enabled-runtime does: it ends at reboot)
+ENABLED = ("enabled", "static", "alias", "indirect", "generated", "transient")
+
+
+def resolve_ids(owner, group, where):
+    """(uid, gid) for names or numbers; ValueError says which name does not exist."""
+    try:
+        uid = int(owner) if str(owner).isdigit() else pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        raise ValueError("%s: user %r does not exist on this host" % (where, owner))
+    try:
+        gid = int(group) if str(group).isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError("%s: group %r does not exist on this host" % (where, group))
+    return uid, gid
+
+
+def attrs_text(mode, uid, gid):
+    return "mode %04o, owner %d:%d" % (mode, uid, gid)
+
+
+def plan(files, directories):
+    """Check every entry and compare it with the host; return (dirs_to_make, files_to_write, problems).
+
+    dirs_to_make: [(path, mode, uid, gid, exists)]; files_to_write: [(dest, data, mode, uid, gid, before)]
+    where before is None (new) or (bytes, mode, uid, gid).
+    """
+    problems = []
+    dirs = []
+    planned_dirs = set()
+    for d in directories:
+        path = d["path"]
+        where = "directory %s" % path
+        try:
+            if not os.path.isabs(path):
+                raise ValueError("%s: the path must be absolute" % where)
+            mode = parse_mode(d["mode"])
+            uid, gid = resolve_ids(d["owner"], d["group"], where)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        path = os.path.normpath(path)
+        planned_dirs.add(path)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            dirs.append((path, mode, uid, gid, False))
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            problems.append("%s: something that is not a directory is in the way (remove it, or choose another path)" % where)
+        elif (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) != (mode, uid, gid):
+            dirs.append((path, mode, uid, gid, True))
+    writes = []
+    seen = set()
+    for f in files:
+        dest = f["dest"]
+        where = "file %s" % dest
+        try:
+            if not os.path.isabs(dest):
+                raise ValueError("%s: the path must be absolute" % where)
+            dest = os.path.normpath(dest)
+            if dest in seen:
+                raise ValueError("%s: given twice" % where)
+            seen.add(dest)
+            mode = parse_mode(f["mode"])
+            uid, gid = resolve_ids(f["owner"], f["group"], where)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        parent = os.path.dirname(dest)
+        if not os.path.isdir(parent) and not any(d == parent or d.startswith(parent + "/") for d in planned_dirs):
+            problems.append("%s: its directory %s does not exist (make it first, or list it in directories)" % (where, parent))
+            continue
+        data = f["content"].encode("utf-8")
+        try:
+            st = os.lstat(dest)
+        except FileNotFoundError:
+            writes.append((dest, data, mode, uid, gid, None))
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            problems.append("%s: something that is not a regular file is in the way (remove it, or choose another path)" % where)
+            continue
+        current = read_bytes(dest)
+        before = (current, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+        if before != (data, mode, uid, gid):
+            writes.append((dest, data, mode, uid, gid, before))
+    return dirs, writes, problems
+
+
+def diff_entry(dest, data, mode, uid, gid, before):
+    entry = {"before_header": dest, "after_header": dest,
+             "after": "%s\n%s" % (attrs_text(mode, uid, gid), data.decode("utf-8", "replace"))}
+    if before is None:
+        entry["before"] = ""
+    else:
+        entry["before"] = "%s\n%s" % (attrs_text(before[1], before[2], before[3]), before[0].decode("utf-8", "replace"))
+    return entry
+
+
+def read_unit(module, systemctl, unit):
+    rc, out, err = module.run_command([systemctl, "show", "-p", "UnitFileState,ActiveState,LoadState", "--", unit])
+    if rc != 0:
+        module.fail_json(msg="systemctl show %s failed (rc %d): %s. Is systemd running on this host?" % (unit, rc, err.strip()))
+    state = {}
+    for line in out.splitlines():
+        key, _sep, value = line.partition("=")
+        if key:
+            state[key] = value
+    return state
+
+
+def main():
+    entry_owner = dict(owner=dict(type="str", default="root"), group=dict(type="str", default="root"))
+    module = AnsibleModule(
+        argument_spec=dict(
+            files=dict(type="list", elements="dict", required=True, options=dict(
+                dest=dict(type="path", required=True), content=dict(type="str", required=True),
+                mode=dict(type="raw", default="0644"), **entry_owner)),
+            directories=dict(type="list", elements="dict", default=[], options=dict(
+                path=dict(type="path", required=True), mode=dict(type="raw", default="0755"), **entry_owner)),
+            unit=dict(type="str", default=""),
+            restart=dict(type="bool", default=False),
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    dirs, writes, problems = plan(p["files"], p["directories"])
+    if problems:
+        module.fail_json(msg="Nothing was changed: " + "; ".join(problems), problems=problems)
+    unit = p["unit"]
+    systemctl = None
+    unit_state = {}
+    unit_new = unit and any(w[0] == os.path.join("/etc/systemd/system", unit) and w[5] is None for w in writes)
+    if unit:
+        systemctl = module.get_bin_path("systemctl", required=True)
+        if not (module.check_mode and unit_new):
+            unit_state = read_unit(module, systemctl, unit)
+
+    result = dict(changed=bool(dirs or writes), changed_directories=[d[0] for d in dirs],
+                  changed_files=[w[0] for w in writes], unit_actions=[], unit_state=unit_state)
+    if module._diff:
+        result["diff"] = [diff_entry(*w) for w in writes]
+
+    actions = []
+    if unit:
+        if writes:
+            actions.append("daemon-reload")
+        if module.check_mode and unit_new:
+            actions += ["enable", "start"]
+        else:
+            if unit_state.get("UnitFileState") not in ENABLED:
+                actions.append("enable")
+            if writes and p["restart"]:
+                actions.append("restart")
+            elif unit_state.get("ActiveState") not in ("active", "reloading", "activating"):
+                actions.append("start")
+    result["unit_actions"] = actions
+    if actions:
+        result["changed"] = True
+    if module.check_mode:
+        module.exit_json(**result)
+
+    for path, mode, uid, gid, exists in dirs:
+        if exists:
+            os.chmod(path, mode)
+            os.chown(path, uid, gid)
+        else:
+            todo = []
+            probe = path
+            while not os.path.isdir(probe):
+                todo.append(probe)
+                probe = os.path.dirname(probe)
+            for d in reversed(todo):
+                os.mkdir(d, mode)
+                os.chmod(d, mode)
+                os.chown(d, uid, gid)
+    for dest, data, mode, uid, gid, _before in writes:
+        atomic_write(dest, data, mode=mode, uid=uid, gid=gid)
+    for action in actions:
+        rc, _out, err = module.run_command([systemctl, action] + ([] if action == "daemon-reload" else ["--", unit]))
+        if rc != 0:
+            result["failed_action"] = action
+            module.fail_json(msg="systemctl %s %s failed (rc %d): %s. The files were written (%s); see "
+                                 "`systemctl status %s` and `journalctl -u %s`, fix the cause and run again."
+                                 % (action, unit if action != "daemon-reload" else "", rc, err.strip(),
+                                    ", ".join(result["changed_files"]) or "none changed", unit, unit), **result)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
