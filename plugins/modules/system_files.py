@@ -152,7 +152,7 @@ import stat
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.homelab.immich.plugins.module_utils.fileops import atomic_write, parse_mode, read_bytes
+from ansible_collections.homelab.immich.plugins.module_utils.fileops import atomic_write, makedirs, parse_mode, read_bytes
 
 
 # unit file states that need no `systemctl enable` (enabled-runtime does: it ends at reboot)
@@ -322,15 +322,7 @@ def main():
             os.chmod(path, mode)
             os.chown(path, uid, gid)
         else:
-            todo = []
-            probe = path
-            while not os.path.isdir(probe):
-                todo.append(probe)
-                probe = os.path.dirname(probe)
-            for d in reversed(todo):
-                os.mkdir(d, mode)
-                os.chmod(d, mode)
-                os.chown(d, uid, gid)
+            makedirs(path, mode=mode, uid=uid, gid=gid)
     for dest, data, mode, uid, gid, _before in writes:
         atomic_write(dest, data, mode=mode, uid=uid, gid=gid)
     for action in actions:
