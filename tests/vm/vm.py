@@ -345,6 +345,9 @@ def alive(pid):
 
 
 def ssh_base(state):
+    """ssh to the guest. Callers give it its own stdin (DEVNULL or input=): ssh makes its stdin
+    non-blocking, and on a stdin shared with make that breaks every later ansible command of the run
+    ("Ansible requires blocking IO on stdin")."""
     return ["ssh", "-i", state["identity_file"], "-p", str(state["port"]), "-o", "StrictHostKeyChecking=no",
             "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5",
             "-o", "BatchMode=yes", "root@127.0.0.1"]
@@ -354,7 +357,7 @@ def ask(state, command):
     """Ask the guest to power off or reboot. The SSH session may hang while the guest goes down:
     a timeout is no failure, the callers wait for the qemu process to end (bounded) instead."""
     try:
-        subprocess.run(ssh_base(state) + [command], capture_output=True, timeout=60, check=False)
+        subprocess.run(ssh_base(state) + [command], stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False)
     except subprocess.TimeoutExpired:
         pass
 
@@ -405,7 +408,8 @@ def boot_once(state, image, rd, attempt):
             os.kill(pid, signal.SIGKILL)
             return "kernel panic:\n" + text[-2000:]
         try:
-            probe = subprocess.run(ssh_base(state) + ["true"], capture_output=True, timeout=30, check=False)
+            probe = subprocess.run(ssh_base(state) + ["true"], stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+                                   check=False)
         except subprocess.TimeoutExpired:
             # qemu's port forward accepts at once, so a guest still booting on busy cores can take
             # longer than this to finish the handshake: not up yet, look again until BOOT_TIMEOUT
