@@ -148,7 +148,8 @@ options:
     default: true
   stop:
     description:
-      - With O(state=absent), stop each removed unit's service before its files are removed.
+      - With O(state=absent), stop each removed unit's service before its files are removed, and
+        reset its failed state, so that no unit stays listed as failed once its file is gone.
     type: bool
     default: false
 attributes:
@@ -551,12 +552,17 @@ class Runner:
             return result
 
         if p["stop"]:
-            for u in units:
-                if u["state"] == "absent" and q.file_name(u["name"], u["type"]) in changed_units:
-                    svc = q.service_name(u["name"], u["type"])
-                    rc, out, err = self.module.run_command(systemctl + ["stop", svc], environ_update=env)
-                    if rc not in (0, 5):  # 5: unit not loaded
-                        raise q.QuadletError("could not stop %s before removing it: %s" % (svc, (err or out).strip()))
+            stopping = [q.service_name(u["name"], u["type"]) for u in units
+                        if u["state"] == "absent" and q.file_name(u["name"], u["type"]) in changed_units]
+            for svc in stopping:
+                rc, out, err = self.module.run_command(systemctl + ["stop", svc], environ_update=env)
+                if rc not in (0, 5):  # 5: unit not loaded
+                    raise q.QuadletError("could not stop %s before removing it: %s" % (svc, (err or out).strip()))
+            if stopping:
+                # a service that ended failed (a container exiting non-zero on SIGTERM) would stay
+                # listed as 'failed' with its file gone; its state goes with it (rc 1 when one was
+                # never loaded or not failed: nothing to reset)
+                self.module.run_command(systemctl + ["reset-failed"] + stopping, environ_update=env)
 
         fileops.makedirs(qdir, 0o755, uid, gid)
         for rel in sorted(content_changes):

@@ -163,7 +163,8 @@ def test_absent_removes_unit_and_dropins_and_stops(qdir, gen_ok, calls):
     assert sorted(os.path.basename(p) for p in res["removed"]) == ["10-a.conf", "99-hand.conf", "web.container"]
     assert tree(qdir) == {}
     assert not os.path.exists(os.path.join(qdir, "web.container.d"))
-    assert calls == [(["systemctl", "stop", "web.service"], None), (["systemctl", "daemon-reload"], None)]
+    assert calls == [(["systemctl", "stop", "web.service"], None), (["systemctl", "reset-failed", "web.service"], None),
+                     (["systemctl", "daemon-reload"], None)]
     status, res = run({"name": "web", "type": "container", "state": "absent", "quadlet_dir": qdir, "generator": gen_ok})
     assert status == "ok" and not res["changed"]
 
