@@ -334,13 +334,24 @@ def write_archive(out, base_tar, base_id, layers):
     return manifest
 
 
+def clear_work(work):
+    """Remove WORK, first unmounting what a build killed midway left mounted there (its overlays
+    and their /proc: a SIGTERM runs no finally), deepest first."""
+    prefix = os.path.realpath(work) + os.sep
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1].replace("\\040", " ") for line in f]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def build():
     out = archive_path()
     if os.path.exists(out):
         return out
     t0 = time.time()
     work = os.path.join(CACHE, "images", "work")
-    shutil.rmtree(work, ignore_errors=True)
+    clear_work(work)
     os.makedirs(work)
     try:
         base = build_base(work)
@@ -361,7 +372,7 @@ def build():
         summary = ", ".join("%s %d MiB" % (k, v >> 20) for k, v in sizes.items())
         log("built in %.0f s: %s (%s)" % (time.time() - t0, out, summary))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        clear_work(work)
     return out
 
 
