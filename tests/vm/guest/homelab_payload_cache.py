@@ -11,7 +11,7 @@ Loaded at interpreter start by homelab_payload_cache.pth.
 """
 
 import hashlib
-import importlib.machinery as machinery
+from importlib import machinery
 import os
 import shutil
 import sys
