@@ -1,7 +1,6 @@
 """The test VMs' payload cache (tests/vm/guest/homelab_payload_cache.py): an Ansible payload zip is
 imported from its extracted copy, the same code, once per content; anything else is left alone."""
 
-import importlib
 import os
 import subprocess
 import sys
@@ -53,11 +52,10 @@ def test_payload_is_extracted_once_per_content(tmp_path, root):
 
 def test_hook_imports_the_payload_from_its_directory(tmp_path, root):
     z = payload(tmp_path, "X = 'from the payload'\n")
-    code = ("import sys; sys.path_hooks.insert(0, __import__('homelab_payload_cache').hook); "
-            "sys.path_importer_cache.clear(); sys.path.insert(0, %r); "
-            "import ansible.modules.ping as m; print(m.X); print(m.__file__)" % z)
+    # importing the module installs the hook, as the .pth does at interpreter start
+    script = ("import sys, homelab_payload_cache as c; c.ROOT = %r; sys.path.insert(0, %r); "
+              "import ansible.modules.ping as m; print(m.X); print(m.__file__)" % (str(root), z))
     env = dict(os.environ, PYTHONPATH=GUEST)
-    script = "import homelab_payload_cache as c; c.ROOT = %r\n" % str(root) + code
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout
     value, path = out.splitlines()
     assert value == "from the payload"
@@ -72,4 +70,3 @@ def test_anything_else_is_left_to_the_other_importers(tmp_path):
     # a payload that cannot be read falls back (ImportError: the next hook, zipimport, tries)
     with pytest.raises(ImportError, match="payload cache"):
         cache.hook(str(tmp_path / "ansible_x_payload_q" / "ansible_x_payload.zip"))
-    importlib.invalidate_caches()

@@ -102,11 +102,16 @@ def test_services_wrote_their_data(host):
     assert host.file("%s/library/.immich-standin-check" % STORAGE).exists
 
 
+def processes(host, name, column):
+    """(user, COLUMN) of every process named NAME, the column unabridged."""
+    rows = [line.split(None, 1) for line in host.run("ps -ww -o user=,%s= -C %s" % (column, name)).stdout.splitlines()]
+    return [row for row in rows if len(row) == 2]
+
+
 def container_conmons(host):
     """The owner of each container's conmon: a health check or `podman exec` running at that
     moment has a conmon of its own (-e --exec-process-spec FILE), which is not a container."""
-    rows = [line.split(None, 1) for line in host.run("ps -ww -o user=,args= -C conmon").stdout.splitlines()]
-    return [row[0] for row in rows if len(row) == 2 and "--exec-process-spec" not in row[1]]
+    return [user for user, args in processes(host, "conmon", "args") if "--exec-process-spec" not in args]
 
 
 def test_containers_run_as_the_service_user(host):
@@ -125,8 +130,8 @@ def test_containers_run_as_the_service_user(host):
     # (unattended-upgrades, the test's Ansible connection) runs as root by design.
     # Quadlet puts each container's processes in a libpod cgroup below its unit.
     for name in ("python3", "valkey-server"):
-        rows = [line.split(None, 1) for line in host.run("ps -ww -o user=,cgroup= -C %s" % name).stdout.splitlines()]
-        owners = [row[0] for row in rows if len(row) == 2 and "libpod" in row[1]]
+        rows = processes(host, name, "cgroup")
+        owners = [user for user, cgroup in rows if "libpod" in cgroup]
         assert owners and set(owners) == {USER}, (name, rows)
 
 
