@@ -8,7 +8,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: system_files
-short_description: Install several root-owned files and run the systemd unit they make, in one call
+short_description: Install (or remove) several root-owned files and the systemd unit they make, in one call
 version_added: 0.1.0
 description:
   - Reads every directory and file given (type, content, mode, owner, group) and writes only what
@@ -20,8 +20,18 @@ description:
   - Every entry is checked before anything is written (absolute paths, modes, owners and groups
     that exist, a directory for every file, nothing of another type in the way), so a bad entry
     changes nothing.
+  - With O(state=absent), the opposite in one call. O(unit) is stopped and disabled, then every file
+    of O(files) that exists is removed, then systemd is reloaded (and the unit's failed state reset).
+    Nothing is touched when all of it is gone already.
   - For scripts, their settings and their systemd units; not for secrets (the diff shows the content).
 options:
+  state:
+    description:
+      - V(present) writes the files and runs O(unit); V(absent) stops and disables O(unit) and removes
+        the files (only O(files[].dest) is read then).
+    type: str
+    choices: [present, absent]
+    default: present
   files:
     description: The files, each with its full content.
     type: list
@@ -33,9 +43,8 @@ options:
         type: path
         required: true
       content:
-        description: The file's content (text, written as UTF-8).
+        description: The file's content (text, written as UTF-8). Required with O(state=present).
         type: str
-        required: true
       mode:
         description: Octal permission as a string, such as C('0644').
         type: raw
@@ -49,7 +58,9 @@ options:
         type: str
         default: root
   directories:
-    description: Directories made (or given this mode and owner) before the files are written.
+    description:
+      - Directories made (or given this mode and owner) before the files are written.
+      - Not with O(state=absent) (the directories may hold what others wrote; they stay).
     type: list
     elements: dict
     default: []
@@ -72,7 +83,8 @@ options:
         default: root
   unit:
     description:
-      - A system unit (C(NAME.timer), C(NAME.service)...) to enable and keep running. Empty for none.
+      - A system unit (C(NAME.timer), C(NAME.service)...) to enable and keep running, or with
+        O(state=absent) to stop and disable before its files go. Empty for none.
     type: str
     default: ''
   restart:
@@ -84,10 +96,10 @@ options:
 attributes:
   check_mode:
     support: full
-    description: Reports what would be written and done to the unit; writes nothing and calls no systemctl verb that changes anything.
+    description: Reports what would be written (or removed) and done to the unit; writes nothing and calls no systemctl verb that changes anything.
   diff_mode:
     support: full
-    description: Returns a before/after for every file that changes (content, and mode or owner).
+    description: Returns a before/after for every file that changes (content, and mode or owner) or is removed.
   platform:
     platforms: posix
     support: full
@@ -118,11 +130,26 @@ EXAMPLES = r"""
     files:
       - dest: /etc/prometheus/immich/immich-alerts.yml
         content: "{{ rules }}"
+
+- name: Stop the backup timer and remove its files (uninstall)
+  homelab.immich.system_files:
+    state: absent
+    files:
+      - dest: /usr/local/sbin/homelab-immich-backup
+      - dest: /etc/systemd/system/immich-backup.service
+      - dest: /etc/systemd/system/immich-backup.timer
+    unit: immich-backup.timer
 """
 
 RETURN = r"""
 changed_files:
   description: The files written (or that would be, in check mode).
+  returned: always
+  type: list
+  elements: str
+  sample: [/etc/systemd/system/immich-backup.timer]
+removed_files:
+  description: The files removed (or that would be, in check mode) with O(state=absent).
   returned: always
   type: list
   elements: str
@@ -133,7 +160,9 @@ changed_directories:
   type: list
   elements: str
 unit_actions:
-  description: What was done to O(unit), in order (C(daemon-reload), C(enable), C(start), C(restart)).
+  description:
+    - What was done to O(unit), in order (C(daemon-reload), C(enable), C(start), C(restart); with
+      O(state=absent) C(stop), C(disable), C(daemon-reload), C(reset-failed)).
   returned: always
   type: list
   elements: str
@@ -228,6 +257,9 @@ def plan(files, directories):
         if not os.path.isdir(parent) and not any(d == parent or d.startswith(parent + "/") for d in planned_dirs):
             problems.append("%s: its directory %s does not exist (make it first, or list it in directories)" % (where, parent))
             continue
+        if f["content"] is None:
+            problems.append("%s: no content (it is required with state=present)" % where)
+            continue
         data = f["content"].encode("utf-8")
         try:
             st = os.lstat(dest)
@@ -266,21 +298,120 @@ def read_unit(module, systemctl, unit):
     return state
 
 
+def plan_removal(files, directories):
+    """The files of a state=absent call that exist: ([(dest, before)], problems), before as in plan()."""
+    problems = []
+    if directories:
+        problems.append("directories are only for state=present (they stay with state=absent: others may have "
+                        "files in them); drop them from this call")
+    removals = []
+    seen = set()
+    for f in files:
+        dest = f["dest"]
+        where = "file %s" % dest
+        if not os.path.isabs(dest):
+            problems.append("%s: the path must be absolute" % where)
+            continue
+        dest = os.path.normpath(dest)
+        if dest in seen:
+            problems.append("%s: given twice" % where)
+            continue
+        seen.add(dest)
+        try:
+            st = os.lstat(dest)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            removals.append((dest, (b"", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)))
+        elif not stat.S_ISREG(st.st_mode):
+            problems.append("%s: it is not a regular file (a directory or a device); remove it by hand if it is "
+                            "to go" % where)
+        else:
+            removals.append((dest, (read_bytes(dest), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)))
+    return removals, problems
+
+
+def removal_diff(dest, before):
+    return {"before_header": dest, "after_header": "%s (absent)" % dest,
+            "before": "%s\n%s" % (attrs_text(before[1], before[2], before[3]), before[0].decode("utf-8", "replace")),
+            "after": ""}
+
+
+def run_actions(module, systemctl, unit, actions, result, done):
+    for action in actions:
+        rc, _out, err = module.run_command([systemctl, action] + ([] if action == "daemon-reload" else ["--", unit]))
+        if rc != 0:
+            result["failed_action"] = action
+            module.fail_json(msg="systemctl %s %s failed (rc %d): %s. %s; see `systemctl status %s` and "
+                                 "`journalctl -u %s`, fix the cause and run again."
+                                 % (action, unit if action != "daemon-reload" else "", rc, err.strip(), done, unit, unit),
+                             **result)
+
+
+def remove(module, p):
+    """state=absent: stop and disable the unit, remove the files that exist, reload systemd."""
+    removals, problems = plan_removal(p["files"], p["directories"])
+    if problems:
+        module.fail_json(msg="Nothing was changed: " + "; ".join(problems), problems=problems)
+    unit = p["unit"]
+    systemctl = module.get_bin_path("systemctl", required=True) if unit else None
+    unit_state = read_unit(module, systemctl, unit) if unit else {}
+    before, after = [], []
+    if unit_state.get("LoadState") not in (None, "not-found"):
+        if unit_state.get("ActiveState") in ("active", "reloading", "activating", "deactivating"):
+            before.append("stop")
+        if unit_state.get("UnitFileState") in ("enabled", "enabled-runtime", "linked", "linked-runtime"):
+            before.append("disable")
+    if unit and removals:
+        after.append("daemon-reload")
+    if unit_state.get("ActiveState") == "failed":
+        after.append("reset-failed")
+    result = dict(changed=bool(removals or before or after), changed_directories=[], changed_files=[],
+                  removed_files=[r[0] for r in removals], unit_actions=before + after, unit_state=unit_state)
+    if module._diff:
+        result["diff"] = [removal_diff(*r) for r in removals]
+    if module.check_mode:
+        module.exit_json(**result)
+    run_actions(module, systemctl, unit, before, result, "Nothing was removed")
+    for dest, _before in removals:
+        try:
+            os.unlink(dest)
+        except FileNotFoundError:
+            pass
+    if removals:
+        fsync_dirs(sorted({os.path.dirname(r[0]) for r in removals}))
+    run_actions(module, systemctl, unit, after, result, "The files were removed (%s)" % ", ".join(result["removed_files"]))
+    module.exit_json(**result)
+
+
+def fsync_dirs(paths):
+    """The removals made durable: each directory that lost an entry fsynced."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def main():
     entry_owner = dict(owner=dict(type="str", default="root"), group=dict(type="str", default="root"))
     module = AnsibleModule(
         argument_spec=dict(
             files=dict(type="list", elements="dict", required=True, options=dict(
-                dest=dict(type="path", required=True), content=dict(type="str", required=True),
+                dest=dict(type="path", required=True), content=dict(type="str"),
                 mode=dict(type="raw", default="0644"), **entry_owner)),
             directories=dict(type="list", elements="dict", default=[], options=dict(
                 path=dict(type="path", required=True), mode=dict(type="raw", default="0755"), **entry_owner)),
             unit=dict(type="str", default=""),
             restart=dict(type="bool", default=False),
+            state=dict(type="str", default="present", choices=["present", "absent"]),
         ),
         supports_check_mode=True,
     )
     p = module.params
+    if p["state"] == "absent":
+        remove(module, p)
     dirs, writes, problems = plan(p["files"], p["directories"])
     if problems:
         module.fail_json(msg="Nothing was changed: " + "; ".join(problems), problems=problems)
@@ -294,7 +425,7 @@ def main():
             unit_state = read_unit(module, systemctl, unit)
 
     result = dict(changed=bool(dirs or writes), changed_directories=[d[0] for d in dirs],
-                  changed_files=[w[0] for w in writes], unit_actions=[], unit_state=unit_state)
+                  changed_files=[w[0] for w in writes], removed_files=[], unit_actions=[], unit_state=unit_state)
     if module._diff:
         result["diff"] = [diff_entry(*w) for w in writes]
 
@@ -325,14 +456,8 @@ def main():
             makedirs(path, mode=mode, uid=uid, gid=gid)
     for dest, data, mode, uid, gid, _before in writes:
         atomic_write(dest, data, mode=mode, uid=uid, gid=gid)
-    for action in actions:
-        rc, _out, err = module.run_command([systemctl, action] + ([] if action == "daemon-reload" else ["--", unit]))
-        if rc != 0:
-            result["failed_action"] = action
-            module.fail_json(msg="systemctl %s %s failed (rc %d): %s. The files were written (%s); see "
-                                 "`systemctl status %s` and `journalctl -u %s`, fix the cause and run again."
-                                 % (action, unit if action != "daemon-reload" else "", rc, err.strip(),
-                                    ", ".join(result["changed_files"]) or "none changed", unit, unit), **result)
+    run_actions(module, systemctl, unit, actions, result,
+                "The files were written (%s)" % (", ".join(result["changed_files"]) or "none changed"))
     module.exit_json(**result)
 
 

@@ -166,3 +166,72 @@ def test_a_failing_start_says_what_to_do(tmp_path, systemd):
     status, r = run({"files": files(tmp_path), "unit": "x.timer"})
     assert status == "failed" and "systemctl start x.timer failed" in r["msg"] and "journalctl -u x.timer" in r["msg"]
     assert r["failed_action"] == "start"
+
+
+def absent(tmp_path, unit="x.timer"):
+    return {"state": "absent", "unit": unit, "files": [{"dest": f["dest"]} for f in files(tmp_path)]
+            + [{"dest": str(tmp_path / "bin" / "never-written")}]}
+
+
+def test_absent_stops_disables_removes_and_reloads_once_then_changes_nothing(tmp_path, systemd):
+    (tmp_path / "bin").mkdir()
+    run({"files": files(tmp_path)})
+    status, r = run(absent(tmp_path))
+    assert status == "ok" and r["changed"]
+    assert sorted(r["removed_files"]) == sorted(f["dest"] for f in files(tmp_path))
+    assert os.listdir(tmp_path / "bin") == []
+    # stopped and disabled before its files go, one reload after
+    assert systemd.calls == ["stop", "disable", "daemon-reload"] == r["unit_actions"]
+    systemd.calls.clear()
+    systemd.state = {"UnitFileState": "", "ActiveState": "inactive", "LoadState": "not-found"}
+    status, r = run(absent(tmp_path))
+    assert status == "ok" and not r["changed"] and r["removed_files"] == [] and systemd.calls == []
+
+
+def test_absent_in_check_mode_with_diff_removes_nothing(tmp_path, systemd):
+    (tmp_path / "bin").mkdir()
+    run({"files": files(tmp_path)})
+    systemd.calls.clear()
+    status, r = run(absent(tmp_path), check=True, diff=True)
+    assert status == "ok" and r["changed"] and len(r["removed_files"]) == 2 and systemd.calls == []
+    assert sorted(os.listdir(tmp_path / "bin")) == ["script", "settings.json"]
+    by_file = {d["before_header"]: d for d in r["diff"]}
+    script = by_file[str(tmp_path / "bin" / "script")]
+    assert "echo hi" in script["before"] and script["after"] == "" and script["after_header"].endswith("(absent)")
+
+
+def test_absent_resets_a_failed_unit_even_when_its_files_are_gone(tmp_path, systemd):
+    (tmp_path / "bin").mkdir()
+    systemd.state = {"UnitFileState": "disabled", "ActiveState": "failed", "LoadState": "loaded"}
+    status, r = run(absent(tmp_path))
+    assert status == "ok" and r["changed"] and r["removed_files"] == [] and systemd.calls == ["reset-failed"]
+
+
+def test_absent_refuses_what_is_not_a_file_and_changes_nothing(tmp_path, systemd):
+    (tmp_path / "bin").mkdir()
+    run({"files": files(tmp_path)})
+    (tmp_path / "bin" / "a-directory").mkdir()
+    systemd.calls.clear()
+    args = absent(tmp_path)
+    args["files"].append({"dest": str(tmp_path / "bin" / "a-directory")})
+    status, r = run(args)
+    assert status == "failed" and r["msg"].startswith("Nothing was changed") and "not a regular file" in r["msg"]
+    assert sorted(os.listdir(tmp_path / "bin")) == ["a-directory", "script", "settings.json"] and systemd.calls == []
+    status, r = run(dict(absent(tmp_path), directories=[{"path": str(tmp_path / "bin")}]))
+    assert status == "failed" and "directories are only for state=present" in r["msg"] and systemd.calls == []
+
+
+def test_absent_keeps_the_files_when_the_unit_does_not_stop(tmp_path, systemd):
+    (tmp_path / "bin").mkdir()
+    run({"files": files(tmp_path)})
+    systemd.calls.clear()
+    systemd.rc = {"stop": 1}
+    status, r = run(absent(tmp_path))
+    assert status == "failed" and "systemctl stop x.timer failed" in r["msg"] and "Nothing was removed" in r["msg"]
+    assert sorted(os.listdir(tmp_path / "bin")) == ["script", "settings.json"]
+
+
+def test_present_needs_content(tmp_path, systemd):
+    (tmp_path / "bin").mkdir()
+    status, r = run({"files": [{"dest": str(tmp_path / "bin" / "x")}]})
+    assert status == "failed" and "no content (it is required with state=present)" in r["msg"]
