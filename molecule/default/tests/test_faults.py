@@ -37,7 +37,7 @@ def test_fault_ml_health_check_failing_restarts_the_unit(host):
     switch = "%s/ml-cache/standin/fail" % STORAGE
     host.run("touch %s" % switch)
     try:
-        # interval 30 s x 3 retries, after the start period: bounded at 300 s
+        # interval 20 s x 3 retries in this scenario, after the start period: bounded at 300 s
         replaced = wait_until(lambda: container_state(host, "immich_machine_learning")[1] not in (before, None), 300, 2)
     finally:
         host.run("rm -f %s" % switch)
