@@ -12,13 +12,9 @@ import sys
 import time
 
 import pytest
-from vmhelpers import PROJECT, ROOTLESS, SERVICES, STORAGE, USER, container_state, podman, record, systemctl, wait_until
+from vmhelpers import PROJECT, ROOTLESS, SERVICES, STORAGE, USER, all_healthy, container_state, podman, record, systemctl, wait_until
 
 ALL = sorted(SERVICES)
-
-
-def all_healthy(host):
-    return all(container_state(host, c)[0] == "healthy" for c, _m in SERVICES.values())
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,8 @@ import re
 import subprocess
 
 import pytest
-from vmhelpers import EPHEMERAL, EXPORTERS, PROJECT, SERVICES, STORAGE, USER, container_state, podman, systemctl
+from vmhelpers import (EPHEMERAL, EXPORTERS, PROJECT, SERVICES, STORAGE, USER, assert_all_active_and_healthy, container_state, podman,
+                       systemctl)
 
 LIBRARY = STORAGE + "/library"
 DUMPS = "/mnt/btrfs-pool/subvol7-containers/immich-backups"
@@ -85,9 +86,7 @@ def test_restore_after_destroying_both_gives_back_the_same_rows_and_files(host, 
     assert rc == 0, out[-3000:]
     assert psql(host, PROBE_SQL) == before["rows"]
     assert checksums(host) == before["files"]
-    for service, (container, _m) in SERVICES.items():
-        assert systemctl(host, "is-active %s" % service).stdout.strip() == "active", service
-        assert container_state(host, container)[0] == "healthy", container
+    assert_all_active_and_healthy(host)
     # what was there before is kept beside it, and the new database directory is NOCOW again
     assert host.run("ls -d %s/postgres.pre-restore-* %s/library.pre-restore-*" % (STORAGE, STORAGE)).rc == 0
     assert "C" in host.run("lsattr -d %s/postgres" % STORAGE).stdout.split()[0]
@@ -184,12 +183,6 @@ def running_image(host, container):
     return podman(host, "inspect --format '{{.Image}}' %s" % container).stdout.strip()
 
 
-def all_healthy(host):
-    for service, (container, _m) in SERVICES.items():
-        assert systemctl(host, "is-active %s" % service).stdout.strip() == "active", service
-        assert container_state(host, container)[0] == "healthy", container
-
-
 def test_update_to_a_healthy_version_backs_up_first_and_serves_it(host, before):
     assert served_version(host) == "3.1.0"
     old_id = running_image(host, "immich_server")
@@ -208,7 +201,7 @@ def test_update_to_a_healthy_version_backs_up_first_and_serves_it(host, before):
     assert psql(host, PROBE_SQL) == before["rows"] and checksums(host) == before["files"]
     # the ML image and unit did not change: its container was not restarted
     assert container_state(host, "immich_machine_learning")[1] == ml_container
-    all_healthy(host)
+    assert_all_active_and_healthy(host)
 
 
 def test_update_in_check_mode_says_what_would_restart_and_changes_nothing(host):
@@ -232,7 +225,7 @@ def test_update_that_never_gets_healthy_is_rolled_back(host, before):
     assert served_version(host) == "3.2.0"
     assert running_image(host, "immich_server") == next_id
     assert "Image=%simmich-server:standin-next" % TEST_IMAGES in host.file(QUADLETS + "/immich-server.container").content_string
-    all_healthy(host)
+    assert_all_active_and_healthy(host)
     assert psql(host, PROBE_SQL) == before["rows"] and checksums(host) == before["files"]
     # the database directory the broken version touched is kept aside; the one in use is NOCOW
     assert host.run("ls -d %s/postgres.failed-update-*" % STORAGE).rc == 0
@@ -249,7 +242,7 @@ def test_a_moving_tag_that_breaks_is_pointed_back(host, before):
     assert rc != 0 and "failed and was rolled back" in out, out[-4000:]
     assert image_id(host, ref) == good
     assert running_image(host, "immich_server") == good and served_version(host) == "3.2.0"
-    all_healthy(host)
+    assert_all_active_and_healthy(host)
     assert psql(host, PROBE_SQL) == before["rows"]
 
 
@@ -278,13 +271,13 @@ def test_ml_backend_to_rocm_and_back(host, fake_gpu):
     assert "switch of the ML backend to rocm: done" in out
     assert "AddDevice=/dev/kfd" in ml_unit(host)
     assert podman(host, "exec immich_machine_learning test -c /dev/kfd").rc == 0
-    all_healthy(host)
+    assert_all_active_and_healthy(host)
     rc, out = playbook("ml_backend.yml", "-e", "immich_ml_backend=cpu")
     assert rc == 0, out[-4000:]
     assert "switch of the ML backend to cpu: done" in out
     assert "AddDevice" not in ml_unit(host)
     assert podman(host, "exec immich_machine_learning test -e /dev/kfd").rc != 0
-    all_healthy(host)
+    assert_all_active_and_healthy(host)
 
 
 def test_ml_backend_that_cannot_start_is_rolled_back(host, fake_gpu):
@@ -295,7 +288,7 @@ def test_ml_backend_that_cannot_start_is_rolled_back(host, fake_gpu):
                        "-e", "immich_update_health_timeout=60")
     assert rc != 0 and "failed and was rolled back" in out and "immich-machine-learning.service" in out, out[-4000:]
     assert ml_unit(host) == cpu_unit
-    all_healthy(host)
+    assert_all_active_and_healthy(host)
 
 
 def test_ml_backend_refuses_what_gpu_facts_rejects(host):

@@ -50,6 +50,32 @@ def container_state(host, container):
     return (parts[0], parts[1]) if out.rc == 0 and len(parts) == 2 else (None, None)
 
 
+def container_states(host, containers):
+    """{container: (health status, id)} for all of them in one podman call (a poll of every
+    container costs the guest one podman start, not one each); (None, None) for a missing one."""
+    out = podman(host, "inspect %s --format '{{.Name}} {{.State.Health.Status}} {{.Id}}'" % " ".join(containers))
+    found = {}
+    for line in out.stdout.splitlines():  # a missing container fails the call, the others are listed
+        parts = line.split()
+        if len(parts) == 3:
+            found[parts[0].lstrip("/")] = (parts[1], parts[2])
+    return {c: found.get(c, (None, None)) for c in containers}
+
+
+def all_healthy(host):
+    """Whether every container of SERVICES is healthy (one podman call)."""
+    return all(status == "healthy" for status, _cid in container_states(host, [c for c, _m in SERVICES.values()]).values())
+
+
+def assert_all_active_and_healthy(host):
+    """Every service of SERVICES active and its container healthy: two calls, whatever the count."""
+    services = sorted(SERVICES)
+    states = systemctl(host, "is-active %s" % " ".join(services)).stdout.split()
+    assert dict(zip(services, states)) == {s: "active" for s in services}, dict(zip(services, states))
+    health = container_states(host, [SERVICES[s][0] for s in services])
+    assert all(status == "healthy" for status, _cid in health.values()), health
+
+
 def wait_until(predicate, timeout, interval=1.0):
     """Seconds until predicate() was true, or None after timeout."""
     t0 = time.time()
