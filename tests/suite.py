@@ -9,10 +9,7 @@ Layers: lint, sanity, unit, integration (each `make LAYER`), then the molecule s
 (measured on 2 cores: the TCG guests keep both cores busy, 57-100 % in every stage, and two VMs
 booting together took 123 s each against ~50 s alone, so one lane is the default). The caches the VM
 scenarios need (the VM image, the test images, the preloaded disk layer: `make prebuild`) are
-built while the local layers run, in a second process. A scenario waits only for what it boots
-from: one without `preload: true` platforms (default, which tests the air-gapped load from the
-archive) starts as soon as the VM image and the test images are there, while the preloaded layer
-is still being built for the others. The first
+built while the local layers run, in a second process; the scenarios wait for it. The first
 failing layer stops the run, as before; the table is printed and written in every case
 (build/timings/report.json and report.txt).
 
@@ -56,18 +53,8 @@ def make(target, log=None):
     return proc.returncode, round(time.time() - t0, 1)
 
 
-def needs_preload(name):
-    """Whether a scenario boots a platform over the preloaded layer (molecule/shared/create.yml)."""
-    import yaml  # in .venv (molecule's own dependency); only the scenarios need it
-    with open(os.path.join(REPO, "molecule", name, "molecule.yml")) as f:
-        return any(p.get("preload") for p in yaml.safe_load(f).get("platforms", []))
-
-
 class Prebuild:
-    """`make prebuild` in a second process, its output in build/timings/prebuild.log. It writes
-    BASE_DONE (tests/vm/prebuild.py) once the VM image and the test images are there."""
-
-    BASE_DONE = os.path.join(OUT, "prebuild-base.done")
+    """`make prebuild` in a second process, its output in build/timings/prebuild.log."""
 
     def __init__(self):
         self.t0 = time.time()
@@ -75,29 +62,12 @@ class Prebuild:
         self.proc = subprocess.Popen(["make", "--no-print-directory", "prebuild"], cwd=REPO,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         self.seconds = None
-        self.waited = 0.0
-        self.lock = threading.Lock()
 
     def wait(self):
         rc = self.proc.wait()
-        with self.lock:
-            if self.seconds is None:
-                self.seconds = round(time.time() - self.t0, 1)
-                self.log.close()
+        self.seconds = round(time.time() - self.t0, 1)
+        self.log.close()
         return rc
-
-    def ready_for(self, name):
-        """Wait until what scenario NAME boots from is built: 0, or the prebuild's failing rc."""
-        t = time.time()
-        try:
-            if needs_preload(name):
-                return self.wait()
-            while self.proc.poll() is None and not os.path.exists(self.BASE_DONE):
-                time.sleep(1)
-            rc = self.proc.poll()
-            return 0 if os.path.exists(self.BASE_DONE) or rc == 0 else self.wait()
-        finally:
-            self.waited += time.time() - t
 
     def stop(self):
         if self.proc.poll() is None:
@@ -257,11 +227,9 @@ def lanes_for(names, count, reference):
     return lanes
 
 
-def run_scenarios(layers, prebuild=None):
+def run_scenarios(layers):
     """Each lane runs its scenarios one after another, the lanes side by side; a failed scenario
-    stops its lane and no lane starts another one. Each scenario's output: build/timings/NAME.log.
-    Before each one, what it boots from is waited for (Prebuild.ready_for); a failed prebuild
-    stops the run as a failed scenario would."""
+    stops its lane and no lane starts another one. Each scenario's output: build/timings/NAME.log."""
     count = int(os.environ.get("MOLECULE_LANES", "1"))
     lanes = lanes_for(scenarios(), count, read_reference())
     print("molecule: %d lane(s): %s" % (len(lanes), " | ".join(" -> ".join(lane) for lane in lanes)), flush=True)
@@ -270,15 +238,6 @@ def run_scenarios(layers, prebuild=None):
 
     def lane(names):
         for name in names:
-            if failed:
-                return
-            if prebuild and prebuild.ready_for(name) != 0:
-                with lock:
-                    failed.append("prebuild")
-                    with open(os.path.join(OUT, "prebuild.log"), errors="replace") as f:
-                        print("== prebuild FAILED (before molecule %s); the end of its output:\n%s"
-                              % (name, f.read()[-4000:]), flush=True)
-                return
             if failed:
                 return
             with lock:
@@ -317,7 +276,7 @@ def main(argv):
         return write_reference()
     wanted = argv or LOCAL_LAYERS + ["molecule"]
     os.makedirs(OUT, exist_ok=True)
-    for stale in ("report.json", "report.txt", "prebuild.json", "prebuild-base.done"):
+    for stale in ("report.json", "report.txt", "prebuild.json"):
         if os.path.exists(os.path.join(OUT, stale)):
             os.unlink(os.path.join(OUT, stale))
     t0 = time.time()
@@ -333,16 +292,16 @@ def main(argv):
             if layers[layer][0] != 0:
                 ok = False
                 break
-        if ok and "molecule" in wanted:
-            ok = run_scenarios(layers, prebuild)
-            # the time the scenarios stood waiting for their caches, all waits together; a cache no
-            # scenario of this run boots from is still finished (and its failure is a failure)
-            rc = prebuild.wait() if ok else (prebuild.proc.poll() or 0)
-            layers["prebuild (waited for)"] = (rc, round(prebuild.waited, 1))
-            if ok and rc != 0:
-                with open(os.path.join(OUT, "prebuild.log"), errors="replace") as f:
-                    print("== prebuild FAILED; the end of its output:\n%s" % f.read()[-4000:], flush=True)
+        if ok and prebuild:
+            t = time.time()
+            rc = prebuild.wait()
+            layers["prebuild (waited for)"] = (rc, round(time.time() - t, 1))
+            if rc != 0:
+                with open(os.path.join(OUT, "prebuild.log")) as f:
+                    print(f.read()[-4000:])
                 ok = False
+        if ok and "molecule" in wanted:
+            ok = run_scenarios(layers)
     finally:
         if prebuild:
             prebuild.stop()

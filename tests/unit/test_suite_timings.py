@@ -128,32 +128,3 @@ def test_a_failed_scenario_is_explained_at_the_very_end(suite, monkeypatch, tmp_
         "  ERROR    day2 \u279c verify: Executed: Failed",
         "  scenario day2: FAILED at verify"]
     assert "above the table" in suite.why_failed("unit")
-
-
-def test_only_scenarios_over_the_preloaded_layer_wait_for_it(suite):
-    """default loads the test images from the archive (the air-gapped path): it starts before the
-    preloaded layer is built; the scenarios whose platforms boot over it wait for it."""
-    assert not suite.needs_preload("default")
-    assert suite.needs_preload("rootful") and suite.needs_preload("multihost")
-
-
-def test_a_scenario_starts_once_the_base_caches_are_there(suite, monkeypatch, tmp_path):
-    class Proc:
-        rc = None
-
-        def poll(self):
-            return self.rc
-
-        def wait(self):
-            return self.rc
-
-    done = tmp_path / "prebuild-base.done"
-    monkeypatch.setattr(suite.Prebuild, "BASE_DONE", str(done))
-    prebuild = suite.Prebuild.__new__(suite.Prebuild)
-    prebuild.proc, prebuild.waited, prebuild.seconds = Proc(), 0.0, None
-    prebuild.lock, prebuild.log, prebuild.t0 = suite.threading.Lock(), open(os.devnull, "w"), 0.0
-    done.write_text("archive\n")
-    assert prebuild.ready_for("default") == 0  # the layer is still being built (rc None)
-    done.unlink()
-    prebuild.proc.rc = 2  # the prebuild failed before the base was there
-    assert prebuild.ready_for("default") == 2

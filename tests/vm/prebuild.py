@@ -4,8 +4,7 @@
 
 In order: the tools fetched from Debian 13 packages (quadlet generator, promtool), the VM image
 (vm.py build), the offline test images (tests/images/build.py), and the disk layer with those
-images already loaded (vm.py preload); build/timings/prebuild-base.done says when all but that
-layer is there (a scenario that loads from the archive starts then). Each entry's time and whether it was a cache hit go to
+images already loaded (vm.py preload). Each entry's time and whether it was a cache hit go to
 build/timings/prebuild.json, which `make test` (tests/suite.py) puts in its table.
 """
 
@@ -49,14 +48,11 @@ def main():
     archive = images.archive_path()
     hit = os.path.exists(archive)
     timed(caches, "test-images", hit, images.build, "images/" + images.inputs_hash())
-    # what a scenario that loads the images from the archive boots from is there (tests/suite.py)
-    out = os.path.join(REPO, "build", "timings")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "prebuild-base.done"), "w") as f:
-        f.write(archive + "\n")
     hit = os.path.exists(vm.preload_path(archive))
     timed(caches, "preload-layer", hit, lambda: vm.preload(archive),
           "vm/%s/preload/%s" % (vm.image_key(), vm.preload_key(archive)))
+    out = os.path.join(REPO, "build", "timings")
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "prebuild.json"), "w") as f:
         json.dump({"caches": caches}, f, indent=1)
     return 0
