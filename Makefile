@@ -92,7 +92,7 @@ unit: venv
 
 integration: deps venv quadlet-generator build
 	QUADLET_GENERATOR=$$(tests/tools/fetch-quadlet.sh) PROMTOOL=$$(tests/tools/fetch-promtool.sh) COLLECTION_TARBALL=$(CURDIR)/$(TARBALL) \
-	  $(BIN)/pytest tests/integration
+	  $(BIN)/pytest -n 2 --dist loadfile tests/integration
 
 # Every scenario under molecule/ (or SCENARIOS="a b"), stage by stage, timed (build/timings/).
 SCENARIOS ?= $(sort $(patsubst molecule/%/molecule.yml,%,$(wildcard molecule/*/molecule.yml)))

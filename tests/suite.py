@@ -4,7 +4,9 @@
     suite.py --report           print the table of the last run again (build/timings/)
     suite.py --write-reference  make tests/timings-reference.json from the last run's figures
 
-Layers: lint, sanity, unit, integration (each `make LAYER`), then the molecule scenarios
+Layers: lint, sanity, unit, integration (each `make LAYER`; integration in two pytest workers), in
+two lanes side by side (integration | lint -> sanity -> unit: measured alone, each kept one of the
+two cores idle), each layer's output in build/timings/LAYER.log and printed when it ends, then the molecule scenarios
 (`tests/vm/scenario.py`), one after another; MOLECULE_LANES=N runs them in N lanes side by side
 (measured on 2 cores: the TCG guests keep both cores busy, 57-100 % in every stage, and two VMs
 booting together took 123 s each against ~50 s alone, so one lane is the default). The caches the VM
@@ -31,6 +33,8 @@ REPO = os.path.dirname(HERE)
 OUT = os.path.join(REPO, "build", "timings")
 REFERENCE = os.path.join(HERE, "timings-reference.json")
 LOCAL_LAYERS = ["lint", "sanity", "unit", "integration"]
+# the local layers in lanes run side by side, each lane's layers one after another
+LOCAL_LANES = [["integration"], ["lint", "sanity", "unit"]]
 GROWTH = 0.20
 GROWTH_FLOOR = 5.0
 BIN = os.path.dirname(sys.executable)
@@ -44,6 +48,35 @@ def scenarios():
         return names
     return sorted(d for d in os.listdir(os.path.join(REPO, "molecule"))
                   if os.path.exists(os.path.join(REPO, "molecule", d, "molecule.yml")))
+
+
+def run_local_layers(wanted, layers):
+    """The local layers of WANTED in LOCAL_LANES side by side; a failing layer stops every lane
+    before its next layer. Each layer's output goes to build/timings/LAYER.log and is printed
+    whole when the layer ends (one layer at a time, so outputs do not mix). True when all passed."""
+    failed = []
+    lock = threading.Lock()
+
+    def lane(names):
+        for name in names:
+            if name not in wanted or failed:
+                continue
+            path = os.path.join(OUT, "%s.log" % name)
+            with open(path, "w") as log:
+                rc, secs = make(name, log)
+            with lock:
+                layers[name] = (rc, secs)
+                with open(path, errors="replace") as f:
+                    print("== %s (%s in %.0f s)\n%s" % (name, "passed" if rc == 0 else "FAILED", secs, f.read()), flush=True)
+                if rc != 0:
+                    failed.append(name)
+
+    threads = [threading.Thread(target=lane, args=(names,)) for names in LOCAL_LANES]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return not failed
 
 
 def make(target, log=None):
@@ -171,10 +204,10 @@ FAILURE_MARKS = re.compile(r"FAILED|ERROR|fatal:|failed: \[|Error\b|^E +")
 def why_failed(name):
     """The lines of a failed layer's output that say what failed, for the very end of the output
     (where a CI log that keeps only its tail still shows them): a scenario's failed tests, failed
-    tasks and failed stage from build/timings/<scenario>.log."""
-    if not name.startswith("molecule/"):
+    tasks and failed stage from build/timings/<scenario>.log, or a local layer's from its LAYER.log."""
+    if not name.startswith("molecule/") and name not in LOCAL_LAYERS:
         return "FAILED: %s (its output is above the table)" % name
-    path = os.path.join(OUT, "%s.log" % name.split("/", 1)[1])
+    path = os.path.join(OUT, "%s.log" % name.split("/", 1)[-1])
     colour = re.compile(r"\x1b\[[0-9;]*m")
     try:
         with open(path, errors="replace") as f:
@@ -286,12 +319,7 @@ def main(argv):
         prebuild = Prebuild()
     ok = True
     try:
-        for layer in [name for name in LOCAL_LAYERS if name in wanted]:
-            print("== %s" % layer, flush=True)
-            layers[layer] = make(layer)
-            if layers[layer][0] != 0:
-                ok = False
-                break
+        ok = run_local_layers(wanted, layers)
         if ok and prebuild:
             t = time.time()
             rc = prebuild.wait()

@@ -127,4 +127,31 @@ def test_a_failed_scenario_is_explained_at_the_very_end(suite, monkeypatch, tmp_
         "  FAILED test_day2.py::test_restore - AssertionError",
         "  ERROR    day2 \u279c verify: Executed: Failed",
         "  scenario day2: FAILED at verify"]
-    assert "above the table" in suite.why_failed("unit")
+    assert "above the table" in suite.why_failed("prebuild (waited for)")
+    # a local layer's output is in its own log too (the lanes run side by side)
+    (tmp_path / "unit.log").write_text("tests/unit/test_x.py F\nFAILED tests/unit/test_x.py::test_y - assert 1 == 2\n")
+    assert suite.why_failed("unit").splitlines()[1:] == ["  FAILED tests/unit/test_x.py::test_y - assert 1 == 2"]
+
+
+def test_local_layers_run_in_lanes_and_a_failure_stops_the_next_layer(suite, monkeypatch, tmp_path):
+    """integration beside lint -> sanity -> unit; each layer's output kept and printed whole;
+    after a failing layer no lane starts another one."""
+    monkeypatch.setattr(suite, "OUT", str(tmp_path))
+    started = []
+
+    def make(target, log=None):
+        started.append(target)
+        log.write("output of %s\n" % target)
+        return (1 if target == "lint" else 0), 1.0
+
+    monkeypatch.setattr(suite, "make", make)
+    layers = {}
+    assert suite.run_local_layers(suite.LOCAL_LAYERS, layers) is False
+    assert "sanity" not in started and "unit" not in started  # lint failed: its lane stops
+    assert layers["lint"] == (1, 1.0) and (tmp_path / "lint.log").read_text() == "output of lint\n"
+    started.clear()
+    monkeypatch.setattr(suite, "make", lambda target, log=None: (started.append(target), log.write("ok\n"), (0, 1.0))[-1])
+    layers = {}
+    assert suite.run_local_layers(["unit", "integration"], layers) is True
+    assert sorted(started) == ["integration", "unit"] and sorted(layers) == ["integration", "unit"]
+    assert sorted(layer for lane in suite.LOCAL_LANES for layer in lane) == sorted(suite.LOCAL_LAYERS)
