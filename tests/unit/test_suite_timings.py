@@ -155,3 +155,18 @@ def test_local_layers_run_in_lanes_and_a_failure_stops_the_next_layer(suite, mon
     assert suite.run_local_layers(["unit", "integration"], layers) is True
     assert sorted(started) == ["integration", "unit"] and sorted(layers) == ["integration", "unit"]
     assert sorted(layer for lane in suite.LOCAL_LANES for layer in lane) == sorted(suite.LOCAL_LAYERS)
+
+
+def test_prebuild_builds_side_by_side_and_reports_a_failure_once_both_ended(load_script):
+    prebuild = load_script("prebuild_under_test", os.path.join(ROOT, "tests", "vm", "prebuild.py"))
+    caches = {}
+    prebuild.side_by_side(caches, [("a", True, lambda: "A", "key-a"), ("b", False, lambda: "B", "key-b")])
+    assert caches["a"]["hit"] and not caches["b"]["hit"] and caches["b"]["key"] == "key-b"
+    ended = []
+
+    def fails():
+        raise SystemExit("debootstrap failed")
+
+    with pytest.raises(SystemExit, match="debootstrap failed"):
+        prebuild.side_by_side({}, [("bad", False, fails, ""), ("good", False, lambda: ended.append(1), "")])
+    assert ended == [1]  # the other build was not cut short
