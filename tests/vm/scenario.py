@@ -93,11 +93,29 @@ def molecule(stage, scenario, cpu=None, tasktimes=None):
     return proc.returncode, time.time() - t0
 
 
-def run(scenario):
+def merged(base, over):
+    """molecule's merge of a molecule.yml over its base config: dicts key by key, all else replaced."""
+    result = dict(base)
+    for key, value in over.items():
+        if isinstance(result.get(key), dict) and isinstance(value, dict):
+            result[key] = merged(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def scenario_config(scenario):
+    """A scenario's configuration as molecule sees it: .config/molecule/config.yml (what every
+    scenario shares, loaded by molecule from the repository root) with its molecule.yml over it."""
+    with open(os.path.join(REPO, ".config", "molecule", "config.yml")) as f:
+        base = yaml.safe_load(f)
     with open(os.path.join(REPO, "molecule", scenario, "molecule.yml")) as f:
-        config = yaml.safe_load(f)
-    default = ["create", "prepare", "converge", "idempotence", "verify", "destroy"]
-    sequence = config.get("scenario", {}).get("test_sequence") or default
+        return merged(base, yaml.safe_load(f))
+
+
+def run(scenario):
+    config = scenario_config(scenario)
+    sequence = config["scenario"]["test_sequence"]
     sequence = [s for s in sequence if s != "destroy"]
     report = {"scenario": scenario, "stages": {}, "cpu_busy_percent": {}}
     instances = [p["name"] for p in config.get("platforms", [])]
