@@ -50,6 +50,15 @@ def scenarios():
                   if os.path.exists(os.path.join(REPO, "molecule", d, "molecule.yml")))
 
 
+def side_by_side(lane, lanes):
+    """lane(names) for each list of names in LANES, each in its own thread; returns when all ended."""
+    threads = [threading.Thread(target=lane, args=(names,)) for names in lanes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def run_local_layers(wanted, layers):
     """The local layers of WANTED in LOCAL_LANES side by side; a failing layer stops every lane
     before its next layer. Each layer's output goes to build/timings/LAYER.log and is printed
@@ -71,11 +80,7 @@ def run_local_layers(wanted, layers):
                 if rc != 0:
                     failed.append(name)
 
-    threads = [threading.Thread(target=lane, args=(names,)) for names in LOCAL_LANES]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    side_by_side(lane, LOCAL_LANES)
     return not failed
 
 
@@ -290,11 +295,7 @@ def run_scenarios(layers):
                 else:
                     print("== molecule %s: passed in %.0f s%s" % (name, secs, text[text.rfind("\nscenario "):]), flush=True)
 
-    threads = [threading.Thread(target=lane, args=(names,)) for names in lanes]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    side_by_side(lane, lanes)
     return not failed
 
 

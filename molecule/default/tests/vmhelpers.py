@@ -45,9 +45,7 @@ def vm_state(name):
 
 def container_state(host, container):
     """(health status, container id) or (None, None) when there is no such container."""
-    out = podman(host, "inspect %s --format '{{.State.Health.Status}} {{.Id}}'" % container)
-    parts = out.stdout.split()
-    return (parts[0], parts[1]) if out.rc == 0 and len(parts) == 2 else (None, None)
+    return container_states(host, [container])[container]
 
 
 def container_states(host, containers):
