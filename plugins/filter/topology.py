@@ -160,6 +160,17 @@ def topology(host, groups, addresses):
     return result
 
 
+def firewalld_rules(publish):
+    """The firewalld rich rules that let each host of a publish entry's allow_from reach its port
+    on its address, and nothing else."""
+    rules = []
+    for entry in publish:
+        for source in entry["allow_from"]:
+            rules.append('rule family="%s" source address="%s" destination address="%s" port port="%d" protocol="tcp" accept'
+                         % ("ipv6" if ":" in source else "ipv4", source, entry["address"], entry["port"]))
+    return rules
+
+
 class FilterModule(object):
     def filters(self):
-        return {"topology": topology, "publish_port": publish_port}
+        return {"topology": topology, "publish_port": publish_port, "firewalld_rules": firewalld_rules}

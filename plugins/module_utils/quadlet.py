@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import tempfile
 
+from ansible_collections.homelab.immich.plugins.module_utils import fileops
 from ansible_collections.homelab.immich.plugins.module_utils import systemd_unit as su
 
 # type -> (main section, generated service name pattern)
@@ -296,4 +297,73 @@ def unit_files(unit, current_dir):
                 out.append((rel, _content_bytes(body)))
     except su.UnitValueError as exc:
         raise QuadletError("unit %s: %s" % (main, exc))
+    return out
+
+
+# the options of one unit, shared by podman_quadlet (units=) and immich_state (quadlet.units=)
+UNIT_OPTIONS = dict(
+    name=dict(type="str", required=True),
+    type=dict(type="str", required=True, choices=sorted(UNIT_TYPES)),
+    state=dict(type="str", default="present", choices=["present", "absent"]),
+    sections=dict(type="dict"),
+    content=dict(type="str"),
+    dropins=dict(type="dict"),
+    specifiers=dict(type="bool"),
+)
+
+
+def normalise_unit_list(units, specifiers=True):
+    """Units as given (UNIT_OPTIONS dicts) with their specifiers default; QuadletError on an empty
+    list or a unit given twice."""
+    out = []
+    seen = set()
+    for u in units:
+        u = dict(u)
+        if u.get("specifiers") is None:
+            u["specifiers"] = specifiers
+        key = file_name(u["name"], u["type"])
+        if key in seen:
+            raise QuadletError("unit %s is given twice" % key)
+        seen.add(key)
+        out.append(u)
+    if not out:
+        raise QuadletError("units is empty: give at least one unit")
+    return out
+
+
+def plan(units, qdir, mode, want_uid, want_gid=None):
+    """Compare the files that make ``units`` true with ``qdir``; changes nothing.
+
+    Returns (files, content_changes, attr_changes): files is [(unit, relpath, bytes or None)],
+    content_changes {relpath: (current bytes or None, wanted bytes or None)}, attr_changes the
+    relpaths whose content is right but whose mode or owner is not.
+    """
+    files = []
+    for u in units:
+        for rel, data in unit_files(u, qdir):
+            files.append((u, rel, data))
+    content_changes = {}
+    attr_changes = []
+    for _u, rel, data in files:
+        path = os.path.join(qdir, rel)
+        if os.path.islink(path):
+            raise QuadletError("%s is a symbolic link; refusing to replace it" % path)
+        current = fileops.read_bytes(path)
+        if current != data:
+            content_changes[rel] = (current, data)
+        elif data is not None:
+            attrs = fileops.file_attrs(path)
+            if attrs and (attrs[0] != mode or attrs[1] != want_uid or (want_gid is not None and attrs[2] != want_gid)):
+                attr_changes.append(rel)
+    return files, content_changes, attr_changes
+
+
+def changed_services(files, content_changes):
+    """The generated service names of the units whose files change, in the units' order."""
+    out = []
+    for u, rel, _data in files:
+        if rel in content_changes:
+            service = service_name(u["name"], u["type"], u.get("sections"))
+            if service not in out:
+                out.append(service)
     return out

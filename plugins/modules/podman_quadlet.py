@@ -322,15 +322,7 @@ from ansible_collections.homelab.immich.plugins.module_utils import quadlet as q
 RUNTIME_ROOT = "/run/user"
 LINGER_DIR = "/var/lib/systemd/linger"
 
-UNIT_OPTIONS = dict(
-    name=dict(type="str", required=True),
-    type=dict(type="str", required=True, choices=sorted(q.UNIT_TYPES)),
-    state=dict(type="str", default="present", choices=["present", "absent"]),
-    sections=dict(type="dict"),
-    content=dict(type="str"),
-    dropins=dict(type="dict"),
-    specifiers=dict(type="bool"),
-)
+UNIT_OPTIONS = q.UNIT_OPTIONS
 
 ARGUMENT_SPEC = dict(
     name=dict(type="str"),
@@ -361,25 +353,11 @@ def parse_mode(value):
 
 def normalise_units(params):
     if params["units"] is not None:
-        units = []
-        for u in params["units"]:
-            u = dict(u)
-            if u.get("specifiers") is None:
-                u["specifiers"] = params["specifiers"]
-            units.append(u)
-        if not units:
-            raise q.QuadletError("units is empty: give at least one unit")
-    else:
-        if not params["name"] or not params["type"]:
-            raise q.QuadletError("give name and type (or a units list)")
-        units = [dict((k, params[k]) for k in ("name", "type", "state", "sections", "content", "dropins", "specifiers"))]
-    seen = set()
-    for u in units:
-        key = q.file_name(u["name"], u["type"])
-        if key in seen:
-            raise q.QuadletError("unit %s is given twice" % key)
-        seen.add(key)
-    return units
+        return q.normalise_unit_list(params["units"], params["specifiers"])
+    if not params["name"] or not params["type"]:
+        raise q.QuadletError("give name and type (or a units list)")
+    return q.normalise_unit_list(
+        [dict((k, params[k]) for k in ("name", "type", "state", "sections", "content", "dropins", "specifiers"))])
 
 
 def resolve_scope(scope, user, euid):
@@ -474,24 +452,7 @@ class Runner:
         want_uid = pw.pw_uid if pw else self.euid
         want_gid = pw.pw_gid if pw else None
 
-        plan = []          # (unit, relpath, desired bytes or None)
-        for u in units:
-            for rel, data in q.unit_files(u, qdir):
-                plan.append((u, rel, data))
-
-        content_changes = {}
-        attr_changes = []
-        for u, rel, data in plan:
-            path = os.path.join(qdir, rel)
-            if os.path.islink(path):
-                raise q.QuadletError("%s is a symbolic link; refusing to replace it" % path)
-            current = fileops.read_bytes(path)
-            if current != data:
-                content_changes[rel] = (current, data)
-            elif data is not None:
-                attrs = fileops.file_attrs(path)
-                if attrs and (attrs[0] != mode or attrs[1] != want_uid or (want_gid is not None and attrs[2] != want_gid)):
-                    attr_changes.append(rel)
+        plan, content_changes, attr_changes = q.plan(units, qdir, mode, want_uid, want_gid)
 
         result = dict(changed=False, units=[], changed_services=[], removed=[], written=[],
                       quadlet_dir=qdir, daemon_reloaded=False)

@@ -40,7 +40,7 @@ def test_tarball_holds_no_build_or_test_debris(installed):
 
 
 def test_modules_exist():
-    assert set(MODULES) == {"podman_quadlet", "btrfs_nocow", "gpu_facts", "system_files"}
+    assert set(MODULES) == {"podman_quadlet", "btrfs_nocow", "gpu_facts", "system_files", "immich_state"}
 
 
 @pytest.mark.parametrize("module", MODULES)
