@@ -21,15 +21,17 @@ ALL_ROLES = ["database", "redis", "ml", "server"]
 
 
 def play(directory, *args, **variables):
-    """Run the role's prometheus tasks on this machine (local connection) into directory/out; the host
-    runs every service unless __immich_roles says otherwise (as the host role works it out from the
-    groups). Returns the play's output."""
+    """Run the role's prometheus tasks on this machine (local connection) into directory/out, then the
+    host role's `files` entry point that writes the file sets they added; the host runs every service
+    unless __immich_roles says otherwise (as the host role works it out from the groups). Returns the
+    play's output."""
     variables = dict({"__immich_roles": ALL_ROLES, "__immich_redis_auth": False}, **variables)
     path = directory / "play.yml"
     path.write_text(json.dumps([{
         "hosts": "localhost", "gather_facts": False,
-        "tasks": [{"ansible.builtin.include_role": {"name": "homelab.immich.monitoring", "tasks_from": "prometheus"},
-                   "vars": dict(variables, immich_monitoring_prometheus_dir=str(directory / "out"))}]}]))
+        "vars": dict(variables, immich_monitoring_prometheus_dir=str(directory / "out")),
+        "tasks": [{"ansible.builtin.include_role": {"name": "homelab.immich.monitoring", "tasks_from": "prometheus"}},
+                  {"ansible.builtin.include_role": {"name": "homelab.immich.host", "tasks_from": "files"}}]}]))
     env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1")
     proc = subprocess.run([os.path.join(BIN, "ansible-playbook"), "-i", "localhost,", "-c", "local",
                            "-e", "ansible_python_interpreter=%s" % sys.executable, str(path)] + list(args),
@@ -49,8 +51,8 @@ def render(directory, **variables):
 
 
 def test_check_mode_writes_nothing_and_a_second_run_changes_nothing(tmp_path):
-    """One module call decides: check mode on a host without the directory reports the change and
-    makes nothing; the real run makes the directory and both files; the next run changes nothing;
+    """One read decides (immich_state), one module call writes: check mode on a host without the
+    directory reports the change and makes nothing; the real run makes the directory and both files; the next run changes nothing;
     a file edited by hand and a wrong directory mode are mended, the untouched file is not rewritten."""
     out = tmp_path / "out"
     checked = play(tmp_path, "--check", "--diff")
@@ -63,7 +65,8 @@ def test_check_mode_writes_nothing_and_a_second_run_changes_nothing(tmp_path):
     rules = (out / "immich-alerts.yml").read_text()
     scrape_inode = (out / "immich-scrape.yml").stat().st_ino
     again = play(tmp_path)
-    assert "changed=0" in again and "Install the files and run the unit" in again, again[-2000:]
+    assert "changed=0" in again and "Install the files that differ and run their units" in again, again[-2000:]
+    assert "skipping: [localhost] => (item=" in again, again[-2000:]  # the set is right: no system_files call
     (out / "immich-alerts.yml").write_text("edited by hand\n")
     out.chmod(0o700)
     mended = play(tmp_path, "-v")
