@@ -40,10 +40,14 @@ class CallbackModule(CallbackBase):
         key = (result._host.get_name(), result._task._uuid)
         start = self.started.pop(key, time.time())
         res = result._result
+        items = res.get("results") if isinstance(res.get("results"), list) else None
+        # the calls that reached the host: one, or one per loop item that was not skipped
+        calls = 0 if status == "skipped" else (
+            sum(1 for r in items if isinstance(r, dict) and not r.get("skipped")) if items is not None else 1)
         self.records.append({
             "host": result._host.get_name(), "task": result._task.get_name(), "action": result._task.action,
             "status": status, "changed": bool(res.get("changed")), "seconds": round(time.time() - start, 3),
-            "msg": res.get("msg") if isinstance(res.get("msg"), str) else None,
+            "msg": res.get("msg") if isinstance(res.get("msg"), str) else None, "calls": calls,
         })
 
     def v2_runner_on_ok(self, result):
