@@ -13,6 +13,13 @@ import stat
 
 from ansible_collections.homelab.immich.plugins.module_utils.fileops import parse_mode, read_bytes
 
+# the options of one file and of one directory, shared by system_files (files=, directories=) and
+# immich_state (file_sets[].files, file_sets[].directories)
+_OWNER = dict(owner=dict(type="str", default="root"), group=dict(type="str", default="root"))
+FILE_OPTIONS = dict(dest=dict(type="path", required=True), content=dict(type="str"),
+                    mode=dict(type="raw", default="0644"), **_OWNER)
+DIRECTORY_OPTIONS = dict(path=dict(type="path", required=True), mode=dict(type="raw", default="0755"), **_OWNER)
+
 # unit file states that need no `systemctl enable` (enabled-runtime does: it ends at reboot)
 ENABLED = ("enabled", "static", "alias", "indirect", "generated", "transient")
 

@@ -313,8 +313,6 @@ from ansible_collections.homelab.immich.plugins.module_utils import nocow
 from ansible_collections.homelab.immich.plugins.module_utils import quadlet as q
 from ansible_collections.homelab.immich.plugins.module_utils import sysfiles
 
-OWNER = dict(owner=dict(type="str", default="root"), group=dict(type="str", default="root"))
-
 ARGUMENT_SPEC = dict(
     user=dict(type="str", required=True),
     rootless=dict(type="bool", default=True),
@@ -334,11 +332,10 @@ ARGUMENT_SPEC = dict(
         specifiers=dict(type="bool", default=True))),
     file_sets=dict(type="list", elements="dict", default=[], options=dict(
         name=dict(type="str", required=True),
-        files=dict(type="list", elements="dict", required=True, options=dict(
-            dest=dict(type="path", required=True), content=dict(type="str", required=True),
-            mode=dict(type="raw", default="0644"), **OWNER)),
-        directories=dict(type="list", elements="dict", default=[], options=dict(
-            path=dict(type="path", required=True), mode=dict(type="raw", default="0755"), **OWNER)),
+        # content is required here: a set is only compared, never removed
+        files=dict(type="list", elements="dict", required=True,
+                   options=dict(sysfiles.FILE_OPTIONS, content=dict(type="str", required=True))),
+        directories=dict(type="list", elements="dict", default=[], options=sysfiles.DIRECTORY_OPTIONS),
         unit=dict(type="str", default=""),
         restart=dict(type="bool", default=False))),
     firewalld_rules=dict(type="list", elements="str", default=[]),

@@ -180,7 +180,7 @@ import stat
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.homelab.immich.plugins.module_utils.fileops import atomic_write, makedirs, read_bytes
-from ansible_collections.homelab.immich.plugins.module_utils.sysfiles import attrs_text, plan, unit_actions
+from ansible_collections.homelab.immich.plugins.module_utils.sysfiles import DIRECTORY_OPTIONS, FILE_OPTIONS, attrs_text, plan, unit_actions
 
 
 def diff_entry(dest, data, mode, uid, gid, before):
@@ -302,14 +302,10 @@ def fsync_dirs(paths):
 
 
 def main():
-    entry_owner = dict(owner=dict(type="str", default="root"), group=dict(type="str", default="root"))
     module = AnsibleModule(
         argument_spec=dict(
-            files=dict(type="list", elements="dict", required=True, options=dict(
-                dest=dict(type="path", required=True), content=dict(type="str"),
-                mode=dict(type="raw", default="0644"), **entry_owner)),
-            directories=dict(type="list", elements="dict", default=[], options=dict(
-                path=dict(type="path", required=True), mode=dict(type="raw", default="0755"), **entry_owner)),
+            files=dict(type="list", elements="dict", required=True, options=FILE_OPTIONS),
+            directories=dict(type="list", elements="dict", default=[], options=DIRECTORY_OPTIONS),
             unit=dict(type="str", default=""),
             restart=dict(type="bool", default=False),
             state=dict(type="str", default="present", choices=["present", "absent"]),
