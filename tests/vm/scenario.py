@@ -2,7 +2,9 @@
 
     scenario.py NAME [NAME ...]
 
-Stages follow each scenario's test_sequence. Timings, how busy this machine's CPUs were during
+Stages follow each scenario's test_sequence. A scenario whose VMs boot over another one's converged
+image (platform key converged_from) runs after it; that one is run first when not named and its
+image is not there (named alone, such a scenario reuses the image an earlier run left). Timings, how busy this machine's CPUs were during
 each stage (a stage near 100 % is bound by the 2 cores; a low one waits), and whether the VM image
 and the test images came from the cache are printed as a table and written to
 build/timings/<name>.json (`make test` gathers them into its report). Every ansible-playbook a
@@ -13,6 +15,7 @@ stage, the tasks, the calls that reached a host and the time per playbook, and t
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -83,7 +86,8 @@ def slowest(path, count=12):
 
 
 def molecule(stage, scenario, cpu=None, tasktimes=None):
-    cmd = [os.path.join(os.path.dirname(sys.executable), "molecule"), stage, "-s", scenario]
+    # the stage's name as in a test_sequence (side_effect), the command's as molecule spells it (side-effect)
+    cmd = [os.path.join(os.path.dirname(sys.executable), "molecule"), stage.replace("_", "-"), "-s", scenario]
     t0 = time.time()
     busy0, total0 = cpu_times()
     proc = subprocess.run(cmd, cwd=REPO, check=False, env=tasktimes_env(tasktimes, stage) if tasktimes else None)
@@ -113,10 +117,58 @@ def scenario_config(scenario):
         return merged(base, yaml.safe_load(f))
 
 
+def converged_dir(scenario):
+    """Where a scenario that converges from bare leaves its converged image (molecule/shared/snapshot.yml)."""
+    return os.path.join(REPO, "build", "converged", scenario)
+
+
+def produces_converged(config):
+    """Whether a scenario keeps its converged VM as an image: its side_effect stage is the snapshot."""
+    return ("side_effect" in config["scenario"]["test_sequence"]
+            and config["provisioner"]["playbooks"].get("side_effect", "").endswith("shared/snapshot.yml"))
+
+
+def needs_converged(config):
+    """The scenarios whose converged image this one's VMs boot over (platform key converged_from)."""
+    return sorted({p["converged_from"] for p in config.get("platforms", []) if p.get("converged_from")})
+
+
+def needs_preload(config):
+    """Whether this one's VMs boot over the preloaded layer (platform key preload)."""
+    return any(p.get("preload") for p in config.get("platforms", []))
+
+
+def in_order(names, add_makers=True):
+    """NAMES with every scenario that makes a converged image before those that boot over it,
+    otherwise as given. ADD_MAKERS: a maker not named is added when its image is not there (named
+    alone, a scenario that boots over one reuses the image an earlier run left)."""
+    wanted = list(names)
+    for name in names:
+        for need in needs_converged(scenario_config(name)):
+            if need not in wanted and add_makers and not os.path.exists(os.path.join(converged_dir(need), "DONE.json")):
+                wanted.insert(0, need)
+    makers = [n for n in wanted if produces_converged(scenario_config(n))]
+    return makers + [n for n in wanted if n not in makers]
+
+
 def run(scenario):
     config = scenario_config(scenario)
     sequence = config["scenario"]["test_sequence"]
     sequence = [s for s in sequence if s != "destroy"]
+    if produces_converged(config):
+        # the converged image of an earlier run must never be booted by this run's scenarios
+        shutil.rmtree(converged_dir(scenario), ignore_errors=True)
+    for need in needs_converged(config):
+        try:
+            with open(os.path.join(converged_dir(need), "DONE.json")) as f:
+                made = json.load(f)["made"]
+        except (OSError, ValueError, KeyError):
+            print("\nscenario %s: FAILED before create: it boots over the converged image of %s, and %s left none "
+                  "(%s): run %s first (scenario.py runs it first when its image is missing)"
+                  % (scenario, need, need, converged_dir(need), need), flush=True)
+            return False
+        print("scenario %s: boots over the converged image %s made at %s" % (scenario, converged_dir(need), made),
+              flush=True)
     report = {"scenario": scenario, "stages": {}, "cpu_busy_percent": {}}
     instances = [p["name"] for p in config.get("platforms", [])]
     faults = [os.path.join(REPO, "build", "faults", "%s.json" % name) for name in instances]
@@ -185,7 +237,7 @@ def main(argv):
         print(__doc__, file=sys.stderr)
         return 2
     ok = True
-    for scenario in argv:
+    for scenario in in_order(argv):
         ok = run(scenario) and ok
     return 0 if ok else 1
 

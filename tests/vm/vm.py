@@ -10,6 +10,9 @@
     vm.py preload ARCHIVE           build (or reuse) the disk layer with ARCHIVE's images already loaded
                                     (root's store and the service user's); print its path
     vm.py up NAME --preload ARCHIVE boot over that layer instead of the bare image
+    vm.py snapshot NAME DIR         power the VM off cleanly and keep its disks in DIR as a converged
+                                    image (the VM is gone afterwards)
+    vm.py up NAME --from DIR        boot over such a converged image (copy-on-write, DIR unchanged)
 
 The image is a debootstrap'd trixie tree (systemd, podman 5.4 with quadlet and its runtime
 dependencies, openssh, python3, btrfs-progs) written to an ext4 disk with `mkfs.ext4 -d` (no loop
@@ -25,6 +28,11 @@ the image, made once by booting it, creating the service user as the host role w
 subordinate ids) and loading the archive into root's and that user's podman storage, then powering
 off. It is keyed by the image's key, the archive's path (which holds the archive's own hash) and
 the recipe below, and lives beside the image under $HOMELAB_IMMICH_CACHE/vm/<hash>/preload/<key>.
+
+A converged image is a run's artefact, not a cache: a scenario that converged a VM from bare and
+verified it powers it off (`snapshot`), and the scenarios that only need a converged host to start
+from (the fault tests, the day-2 playbooks) boot copy-on-write overlays of both its disks, root and
+BTRFS pool, side by side if they like, instead of converging again.
 """
 
 import argparse
@@ -68,6 +76,11 @@ PRUNE_MODULES = ["drivers/gpu", "drivers/media", "drivers/net/wireless", "driver
                  "net/bluetooth", "net/mac80211", "fs/ocfs2", "fs/gfs2", "fs/nfs", "fs/nfsd", "fs/ceph",
                  "fs/smb", "fs/xfs", "fs/f2fs", "fs/jfs", "fs/nilfs2"]
 ROOT_SIZE = "6G"
+# vCPUs of each VM. `make test` runs two jobs side by side and sets 1: TCG has no pause-loop exit, so a
+# 2-vCPU guest sharing the cores with another spins on every lock whose holder's vCPU thread is off
+# the core (measured: default's converge 147 s alone, 573 s beside another 2-vCPU scenario; two
+# 1-vCPU VMs side by side each ran as fast as one alone).
+CPUS = int(os.environ.get("HOMELAB_VM_CPUS", "2"))
 BOOT_TIMEOUT = 240
 BOOT_ATTEMPTS = 3
 
@@ -396,7 +409,8 @@ def boot_once(state, image, rd, attempt):
            "-kernel", os.path.join(image, "vmlinuz"), "-initrd", os.path.join(image, "initrd.img"),
            "-append", append,
            "-drive", "file=%s,if=virtio,format=qcow2,cache=unsafe,discard=unmap" % os.path.join(rd, "root.qcow2"),
-           "-drive", "file=%s,if=virtio,format=raw,cache=unsafe,discard=unmap" % os.path.join(rd, "pool.raw"),
+           "-drive", "file=%s,if=virtio,format=%s,cache=unsafe,discard=unmap" % (
+               os.path.join(rd, pool_file(state)), "qcow2" if state.get("converged") else "raw"),
            "-netdev", netdev, "-device", "virtio-net-pci,netdev=n0",
            "-device", "virtio-rng-pci"] + private
     for tag, path in state["shares"].items():
@@ -433,7 +447,7 @@ def boot_once(state, image, rd, attempt):
 
 def boot(state, label, fresh_overlay):
     """Boot, retrying a panicked or stuck boot (bounded). fresh_overlay: a half-booted first boot may
-    have written to the root overlay, so it is made again; a reboot keeps its disks."""
+    have written to its disks, so they are made again; a reboot keeps its disks."""
     rd = state["run_dir"]
     for attempt in range(1, BOOT_ATTEMPTS + 1):
         problem = boot_once(state, state["image"], rd, "%s%d" % (label, attempt))
@@ -444,8 +458,7 @@ def boot(state, label, fresh_overlay):
         if attempt == BOOT_ATTEMPTS:
             raise SystemExit("VM %s did not boot in %d attempts; last: %s" % (state["name"], BOOT_ATTEMPTS, problem))
         if fresh_overlay:
-            os.unlink(os.path.join(rd, "root.qcow2"))
-            overlay(state, os.path.join(rd, "root.qcow2"))
+            overlays(state)
 
 
 def parse_private(text):
@@ -456,21 +469,60 @@ def parse_private(text):
             "mac": "52:54:00:%02x:%02x:%02x" % tuple(octets[1:])}
 
 
+def pool_file(state):
+    """The pool disk's file in the run directory: a raw sparse file, or an overlay of a converged image's."""
+    return "pool.qcow2" if state.get("converged") else "pool.raw"
+
+
 def overlay(state, path):
-    """A fresh copy-on-write root over the bare image or over the preloaded layer."""
-    if state.get("backing"):
+    """A fresh copy-on-write root over the bare image, the preloaded layer or a converged image."""
+    if state.get("converged"):
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+             os.path.join(state["converged"], "root.qcow2"), path])
+    elif state.get("backing"):
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", state["backing"], path])
     else:
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", os.path.join(state["image"], "root.raw"), path])
 
 
-def up(name, ssh_port=None, forwards=(), memory=3072, cpus=2, pool_size="8G", shares=None, private=None,
-       preload_archive=None):
+def overlays(state):
+    """Fresh disks in the run directory: the root overlay, and the pool disk (an overlay of a converged
+    image's pool, or a new sparse file). A boot that panicked half-way gets new ones."""
+    rd = state["run_dir"]
+    for f in ("root.qcow2", pool_file(state)):
+        if os.path.exists(os.path.join(rd, f)):
+            os.unlink(os.path.join(rd, f))
+    overlay(state, os.path.join(rd, "root.qcow2"))
+    if state.get("converged"):
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+             os.path.join(state["converged"], "pool.raw"), os.path.join(rd, pool_file(state))])
+    else:
+        run(["truncate", "-s", state["pool_size"], os.path.join(rd, pool_file(state))])
+
+
+def read_converged(directory):
+    """The facts a snapshot left in DIRECTORY (DONE.json), or a SystemExit saying what to run first."""
+    try:
+        with open(os.path.join(directory, "DONE.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        raise SystemExit("no converged image in %s: run the scenario that makes it first (its side_effect stage, "
+                         "molecule/shared/snapshot.yml, keeps it there)" % directory)
+
+
+def up(name, ssh_port=None, forwards=(), memory=3072, cpus=None, pool_size="8G", shares=None, private=None,
+       preload_archive=None, converged=None):
     existing = read_state(name)
     if existing and alive(existing.get("pid")):
         return existing
     image = build()
     backing = preload(preload_archive) if preload_archive else None
+    if converged:
+        converged = os.path.abspath(converged)
+        facts = read_converged(converged)
+        if facts["image"] != image:
+            raise SystemExit("the converged image in %s was made over another VM image (%s, not %s): make it again"
+                             % (converged, facts["image"], image))
     rd = run_dir(name)
     shutil.rmtree(rd, ignore_errors=True)
     os.makedirs(rd)
@@ -481,13 +533,13 @@ def up(name, ssh_port=None, forwards=(), memory=3072, cpus=2, pool_size="8G", sh
         # this one's state is written before its boot so that the next one sees its ports too
         taken = ports_in_use()
         state = dict(name=name, address="127.0.0.1", user="root", port=ssh_port or free_port(taken), identity_file=key,
-                     forwards=[[h or free_port(taken), g] for h, g in forwards], memory=memory, cpus=cpus, image=image,
+                     forwards=[[h or free_port(taken), g] for h, g in forwards], memory=memory, cpus=cpus or CPUS,
+                     image=image,
                      run_dir=rd, shares=dict(shares or {}), pool_disk="/dev/vdb", attempts=[], private=private,
-                     backing=backing)
+                     backing=backing, converged=converged, pool_size=pool_size)
         with open(os.path.join(rd, "state.json"), "w") as f:
             json.dump(state, f, indent=2)
-    overlay(state, os.path.join(rd, "root.qcow2"))
-    run(["truncate", "-s", pool_size, os.path.join(rd, "pool.raw")])
+    overlays(state)
     t0 = time.time()
     boot(state, "", fresh_overlay=True)
     state["boot_seconds"] = round(time.time() - t0, 1)
@@ -542,6 +594,39 @@ def reboot(name, shutdown_timeout=180):
     return result
 
 
+def snapshot(name, out, shutdown_timeout=180):
+    """Power a running VM off cleanly (systemctl poweroff) and keep its two disks in OUT as a converged
+    image: root.qcow2 (still an overlay of the cached VM image, or of the preloaded layer) and pool.raw,
+    with DONE.json last, so a half-written image is never booted. The VM is gone afterwards. Returns
+    the facts written to DONE.json."""
+    state = read_state(name)
+    if not state or not alive(state.get("pid")):
+        raise SystemExit("VM %s is not running: nothing to snapshot" % name)
+    if state.get("converged"):
+        raise SystemExit("VM %s runs over a converged image itself: snapshot the VM that converged from bare" % name)
+    t0 = time.time()
+    ask(state, "sync; systemctl poweroff")
+    while alive(state["pid"]) and time.time() - t0 < shutdown_timeout:
+        time.sleep(0.5)
+    if alive(state["pid"]):
+        down(name)
+        raise SystemExit("VM %s did not power off within %d s: no converged image made" % (name, shutdown_timeout))
+    out = os.path.abspath(out)
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    rd = state["run_dir"]
+    for f in ("root.qcow2", "pool.raw"):
+        shutil.move(os.path.join(rd, f), os.path.join(out, f))
+    facts = {"source": name, "image": state["image"], "backing": state.get("backing"), "memory": state["memory"],
+             "shutdown_seconds": round(time.time() - t0, 1), "made": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with open(os.path.join(out, "DONE.json.tmp"), "w") as f:
+        json.dump(facts, f, indent=1)
+    os.rename(os.path.join(out, "DONE.json.tmp"), os.path.join(out, "DONE.json"))
+    down(name)
+    log("VM %s powered off in %.0f s; its disks are the converged image %s" % (name, facts["shutdown_seconds"], out))
+    return facts
+
+
 def parse_forward(text):
     host, guest = text.split(":")
     return int(host), int(guest)
@@ -557,26 +642,33 @@ def main(argv=None):
     p.add_argument("--forward", action="append", default=[], type=parse_forward,
                    help="HOST:GUEST tcp port on 127.0.0.1 (HOST 0: any free port)")
     p.add_argument("--memory", type=int, default=3072)
-    p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--cpus", type=int, default=CPUS, help="vCPUs (default: $HOMELAB_VM_CPUS, else 2)")
     p.add_argument("--pool-size", default="8G")
     p.add_argument("--share", action="append", default=[], help="TAG=DIR exported read-only over virtio-9p")
     p.add_argument("--preload", metavar="ARCHIVE",
                    help="boot over the cached layer with ARCHIVE's images already loaded (vm.py preload)")
+    p.add_argument("--from", dest="converged", metavar="DIR",
+                   help="boot over the converged image in DIR (vm.py snapshot), copy-on-write")
     p.add_argument("--private", type=parse_private,
                    help="LOCAL_PORT:REMOTE_PORT:ADDRESS/PREFIX: a second NIC on a point-to-point link to the VM "
                         "started with the ports swapped (UDP on 127.0.0.1 only), with that static address")
     for n in ("down", "status", "reboot"):
         sub.add_parser(n).add_argument("name")
     sub.add_parser("preload").add_argument("archive")
+    p = sub.add_parser("snapshot")
+    p.add_argument("name")
+    p.add_argument("dir")
     args = ap.parse_args(argv)
     if args.cmd == "build":
         print(build())
     elif args.cmd == "up":
         shares = dict(s.split("=", 1) for s in args.share)
         print(json.dumps(up(args.name, args.ssh_port, args.forward, args.memory, args.cpus, args.pool_size, shares,
-                            args.private, args.preload)))
+                            args.private, args.preload, args.converged)))
     elif args.cmd == "preload":
         print(preload(args.archive))
+    elif args.cmd == "snapshot":
+        print(json.dumps(snapshot(args.name, args.dir)))
     elif args.cmd == "reboot":
         print(json.dumps(reboot(args.name)))
     elif args.cmd == "down":
