@@ -6,7 +6,8 @@
 #   make unit        pytest unit tests (pure Python, no root needed)
 #   make integration real local tests: the trixie quadlet generator, a loop-mounted btrfs (root),
 #                    and the built collection tarball installed and documented with ansible-doc
-#   make molecule    molecule scenarios on Debian 13 VMs (qemu TCG): default (with the day-2 playbooks), multihost, rocm, rootful
+#   make molecule    molecule scenarios on Debian 13 VMs (qemu TCG): default, then faults, day2, update
+#                    over its converged image; multihost, rocm, rootful
 #   make prebuild    the cached VM image, test images and preloaded disk layer the scenarios boot from
 #   make timings-reference   tests/timings-reference.json from the last make test's figures
 #   make demo        a throwaway VM with the whole stack, deployed by site.yml (make demo-down)

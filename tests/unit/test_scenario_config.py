@@ -4,6 +4,7 @@ molecule.yml merged over it (tests/vm/scenario.py reads the same merge to know t
 import os
 
 import pytest
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -19,15 +20,31 @@ def test_dicts_merge_key_by_key_and_lists_are_replaced(scenario):
     assert base == {"a": {"x": 1, "y": [1, 2]}, "b": [1]}  # the base is not changed
 
 
-@pytest.mark.parametrize("name", ["default", "multihost", "rocm", "rootful"])
+CONVERGED = ["faults", "day2", "update"]  # boot over default's converged image
+
+
+def test_every_scenario_is_listed_here():
+    on_disk = sorted(d for d in os.listdir(os.path.join(ROOT, "molecule"))
+                     if os.path.exists(os.path.join(ROOT, "molecule", d, "molecule.yml")))
+    assert on_disk == sorted(["default", "multihost", "rocm", "rootful"] + CONVERGED)
+
+
+@pytest.mark.parametrize("name", ["default", "multihost", "rocm", "rootful"] + CONVERGED)
 def test_every_scenario_gets_the_shared_settings(scenario, name):
     config = scenario.scenario_config(name)
     assert config["driver"]["name"] == "default" and config["dependency"]["enabled"] is False
     assert config["provisioner"]["config_options"]["defaults"]["interpreter_python"] == "/usr/bin/python3"
     assert config["provisioner"]["playbooks"]["create"] == "../shared/create.yml"
-    assert config["provisioner"]["inventory"]["group_vars"]["immich"]  # its own inventory is kept
+    assert config["verifier"]["env"]["PYTHONPATH"] == "${MOLECULE_PROJECT_DIRECTORY}/molecule/shared"
+    inventory = config["provisioner"]["inventory"]
+    if inventory.get("links"):  # default's inventory, linked: the very same settings
+        assert os.path.exists(os.path.join(ROOT, "molecule", name, inventory["links"]["group_vars"], "immich.yml"))
+    else:
+        assert inventory["group_vars"]["immich"]  # its own inventory is kept
     sequence = config["scenario"]["test_sequence"]
-    assert sequence[0] == sequence[-1] == "destroy" and "verify" in sequence and "idempotence" in sequence
+    assert sequence[0] == sequence[-1] == "destroy" and "verify" in sequence
+    # converging from bare is tested where a scenario converges; the others start converged
+    assert ("idempotence" in sequence) is (name not in CONVERGED)
     for playbook in config["provisioner"]["playbooks"].values():
         assert os.path.exists(os.path.join(ROOT, "molecule", name, playbook)), playbook
 
@@ -37,6 +54,53 @@ def test_what_a_scenario_sets_itself_wins(scenario):
     assert "check" in default["scenario"]["test_sequence"] and default["provisioner"]["playbooks"]["prepare"] == "prepare.yml"
     rootful = scenario.scenario_config("rootful")
     assert rootful["verifier"]["directory"] == "../default/tests"
-    assert rootful["verifier"]["options"] == {"p": "no:cacheprovider", "durations": "0",
-                                              "k": "not test_fault_ and not test_operations"}
+    assert rootful["verifier"]["env"] == {"PYTHONPATH": "${MOLECULE_PROJECT_DIRECTORY}/molecule/shared",
+                                          "IMMICH_TEST_ROOTLESS": "false", "IMMICH_TEST_PUBLISHED": "false"}
     assert scenario.scenario_config("rocm")["provisioner"]["playbooks"]["converge"] == "converge.yml"
+
+
+def test_default_leaves_the_converged_image_the_others_boot_over(scenario):
+    default = scenario.scenario_config("default")
+    assert scenario.produces_converged(default)
+    sequence = default["scenario"]["test_sequence"]
+    # verified before it is kept: the checks of test_default.py run on the VM as converge left it
+    assert sequence.index("idempotence") < sequence.index("verify") < sequence.index("side_effect")
+    assert [n for n in ["default", "multihost", "rocm", "rootful"] + CONVERGED
+            if scenario.produces_converged(scenario.scenario_config(n))] == ["default"]
+    for name in CONVERGED:
+        config = scenario.scenario_config(name)
+        assert scenario.needs_converged(config) == ["default"] and not scenario.needs_preload(config)
+        assert config["provisioner"]["inventory"]["links"] == {"group_vars": "../default/group_vars/"}
+    assert scenario.needs_preload(scenario.scenario_config("rootful"))
+
+
+def test_the_maker_of_a_converged_image_runs_first(scenario, monkeypatch, tmp_path):
+    monkeypatch.setattr(scenario, "converged_dir", lambda name: str(tmp_path / name))
+    assert scenario.in_order(["update", "rocm"]) == ["default", "update", "rocm"]
+    assert scenario.in_order(["faults", "default", "day2"]) == ["default", "faults", "day2"]
+    assert scenario.in_order(["rootful"]) == ["rootful"]
+    # named alone, a scenario reuses the image an earlier run left (make test runs each job this way)
+    (tmp_path / "default").mkdir()
+    (tmp_path / "default" / "DONE.json").write_text("{}")
+    assert scenario.in_order(["update"]) == ["update"]
+    assert scenario.in_order(["update", "default"]) == ["default", "update"]
+
+
+SIZED = ["immich_database_health_interval", "immich_redis_health_interval", "immich_server_health_interval",
+         "immich_ml_health_interval", "immich_monitoring_collector_interval"]
+
+
+def test_every_inventory_is_test_sized_alike(scenario):
+    """The regular health checks and the collector, sized for tests in every inventory the same way
+    (molecule/default/group_vars/immich.yml says why); never in the role defaults."""
+    with open(os.path.join(ROOT, "molecule", "default", "group_vars", "immich.yml")) as f:
+        default = yaml.safe_load(f)
+    sized = {k: default[k] for k in SIZED}
+    assert sized == {k: ("30min" if "collector" in k else "5m") for k in SIZED}
+    for name in ("rootful", "multihost"):
+        inventory = scenario.scenario_config(name)["provisioner"]["inventory"]["group_vars"]["immich"]
+        assert {k: inventory.get(k) for k in SIZED} == sized, name
+    for role in ("database", "redis", "server", "ml", "monitoring"):
+        with open(os.path.join(ROOT, "roles", role, "defaults", "main.yml")) as f:
+            defaults = yaml.safe_load(f)
+        assert not any(defaults.get(k) == sized[k] for k in SIZED), role

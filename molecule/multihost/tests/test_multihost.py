@@ -12,14 +12,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 import urllib.request
 
 import pytest
 import testinfra
 
-sys.path.insert(0, os.path.join(os.environ.get("MOLECULE_PROJECT_DIRECTORY", ""), "molecule", "default", "tests"))
-from vmhelpers import EPHEMERAL, PROJECT, USER, podman, systemctl, vm_state, wait_until  # noqa: E402
+from vmhelpers import EPHEMERAL, PROJECT, USER, podman, systemctl, vm_state, wait_until
 
 APP, GPU = "10.89.7.1", "10.89.7.2"
 STRANGER = "10.89.7.3"  # a second address on the app host's side of the link: "another host"

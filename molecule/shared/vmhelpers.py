@@ -1,9 +1,12 @@
-"""Helpers shared by the verify tests (testinfra over molecule's inventory)."""
+"""Helpers shared by the verify tests (testinfra over molecule's inventory): molecule's verifier puts
+this directory on PYTHONPATH (.config/molecule/config.yml)."""
 
 import json
 import os
 import subprocess
 import time
+
+import pytest
 
 PROJECT = os.environ.get("MOLECULE_PROJECT_DIRECTORY", "")
 EPHEMERAL = os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "")
@@ -12,6 +15,12 @@ ROOTLESS = os.environ.get("IMMICH_TEST_ROOTLESS", "true") == "true"
 PUBLISHED = os.environ.get("IMMICH_TEST_PUBLISHED", "true") == "true"
 USER = "immich"
 STORAGE = "/mnt/btrfs-pool/subvol7-containers/immich"
+LIBRARY = STORAGE + "/library"
+DUMPS = "/mnt/btrfs-pool/subvol7-containers/immich-backups"
+SNAPSHOTS = "/mnt/btrfs-pool/subvol7-containers/immich-snapshots"
+TEST_IMAGES = "localhost/homelab-immich-test/"
+QUADLETS = "/home/%s/.config/containers/systemd" % USER
+PROBE_SQL = "SELECT count(*) || ' ' || md5(string_agg(v, ',' ORDER BY id)) FROM restore_probe"
 SERVICES = {
     # service: (container, MemoryMax)
     "immich-database.service": ("immich_postgres", 1 << 30),
@@ -102,3 +111,48 @@ def record(name, key, value):
     figures[key] = value
     with open(path, "w") as f:
         json.dump(figures, f, indent=1, sort_keys=True)
+
+
+def playbook(name, *extra):
+    """ansible-playbook playbooks/NAME against the scenario's inventory: (rc, stdout + stderr)."""
+    env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(EPHEMERAL, "ansible.cfg"),
+               ANSIBLE_COLLECTIONS_PATH=os.path.join(PROJECT, ".collections"),
+               ANSIBLE_ROLES_PATH=os.path.join(PROJECT, "roles"), ANSIBLE_NOCOLOR="1")
+    inventory = os.environ.get("MOLECULE_INVENTORY_FILE")
+    if not inventory:
+        pytest.fail("MOLECULE_INVENTORY_FILE is not set: run through molecule")
+    proc = subprocess.run(["ansible-playbook", "-i", inventory, os.path.join(PROJECT, "playbooks", name)] + list(extra),
+                          env=env, capture_output=True, text=True, check=False)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def psql(host, sql):
+    out = podman(host, "exec immich_postgres psql -U postgres -d immich -tAc \"%s\"" % sql)
+    assert out.rc == 0, out.stderr
+    return out.stdout.strip()
+
+
+def checksums(host):
+    """{path: sha256} of every file in the library but the server's own markers."""
+    out = host.run("cd %s && find . -type f ! -name '.immich*' -print0 | sort -z | xargs -0 -r sha256sum" % LIBRARY)
+    return dict(reversed(line.split(None, 1)) for line in out.stdout.splitlines())
+
+
+def user_data(host):
+    """Rows in the database and files in the library, as a user would have them: made once on the
+    host, then their fingerprint (PROBE_SQL) and checksums, which every later check compares with."""
+    psql(host, "CREATE TABLE restore_probe AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 5000) g")
+    host.run("install -d -o %s -g %s %s/upload/probe" % (USER, USER, LIBRARY))
+    for i in range(12):
+        host.run("head -c %d /dev/urandom > %s/upload/probe/photo-%02d.jpg" % (4096 * (i + 1), LIBRARY, i))
+    host.run("chown -R %s: %s/upload" % (USER, LIBRARY))
+    return {"rows": psql(host, PROBE_SQL), "files": checksums(host)}
+
+
+def wait_converged_host(host, timeout=420):
+    """A VM booted over a converged image (molecule/shared/snapshot.yml) starts its services at boot,
+    with nobody logged in: every service active and healthy within TIMEOUT, or the module fails."""
+    took = wait_until(lambda: all_healthy(host), timeout, 3)
+    assert took is not None, "the converged host's services were not all healthy within %d s of its boot" % timeout
+    assert_all_active_and_healthy(host)
+    return took
