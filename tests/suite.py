@@ -1,19 +1,24 @@
 """`make test`: every layer, timed, and a table of where the time went.
 
-    suite.py [LAYER ...]        the layers to run (default: all, in this order)
+    suite.py [LAYER ...]        the layers to run (default: all)
     suite.py --report           print the table of the last run again (build/timings/)
     suite.py --write-reference  make tests/timings-reference.json from the last run's figures
 
-Layers: lint, sanity, unit, integration (each `make LAYER`; integration in two pytest workers), in
-two lanes side by side (integration | lint -> sanity -> unit: measured alone, each kept one of the
-two cores idle), each layer's output in build/timings/LAYER.log and printed when it ends, then the molecule scenarios
-(`tests/vm/scenario.py`), one after another; MOLECULE_LANES=N runs them in N lanes side by side
-(measured on 2 cores: the TCG guests keep both cores busy, 57-100 % in every stage, and two VMs
-booting together took 123 s each against ~50 s alone, so one lane is the default). The caches the VM
-scenarios need (the VM image, the test images, the preloaded disk layer: `make prebuild`) are
-built while the local layers run, in a second process; the scenarios wait for it. The first
-failing layer stops the run, as before; the table is printed and written in every case
-(build/timings/report.json and report.txt).
+Layers: lint, sanity, unit, integration (each `make LAYER`; integration in two pytest workers) and the
+molecule scenarios (`tests/vm/scenario.py NAME`), each a job; TEST_LANES (default 2) jobs run side by
+side, one per core. A job starts when a lane is free and what it needs exists: the local layers need
+nothing and go first (a wrong line fails in minutes, not at the end); a scenario needs the caches its
+VMs boot from (the VM image, the test images, the preloaded disk layer: `make prebuild`, built in a
+second process meanwhile) and, when it boots over another scenario's converged image (faults, day2,
+update over default's), that scenario's image, made while that scenario runs. Among the jobs that can
+start, the one with the longest way to the end goes first (its reference time plus the longest chain
+of jobs waiting for it), so default, which the converged-image scenarios wait for, starts as soon as
+it can. Two lanes on two cores: the TCG guests and the local layers leave a core idle much of the time
+when run alone (every stage's `cpu` column), and two VMs side by side each went as fast as alone on
+one vCPU (tests measured in docs/testing.md). The first failing job stops the run: no job starts
+after it, the running ones end. Each job's output goes to build/timings/NAME.log, printed whole when a
+local layer ends, and a scenario's tail when it fails. The table is printed and written in every
+case (build/timings/report.json and report.txt).
 
 The table names every stage (a layer, a cache, a scenario stage) whose time grew by more than 20 %
 (and at least 5 s, so that a 2 s stage taking 3 s is not noise worth reading) against the
@@ -23,6 +28,7 @@ committed reference, tests/timings-reference.json. It is a report: no time fails
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -32,9 +38,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 OUT = os.path.join(REPO, "build", "timings")
 REFERENCE = os.path.join(HERE, "timings-reference.json")
+# in this order when nothing else decides (the ones that fail fastest first)
 LOCAL_LAYERS = ["lint", "sanity", "unit", "integration"]
-# the local layers in lanes run side by side, each lane's layers one after another
-LOCAL_LANES = [["integration"], ["lint", "sanity", "unit"]]
+LANES = int(os.environ.get("TEST_LANES", "2"))
+if LANES > 1:
+    # one vCPU per VM when jobs share the cores (tests/vm/vm.py, CPUS)
+    os.environ.setdefault("HOMELAB_VM_CPUS", "1")
+UNKNOWN_SECONDS = 600.0  # a job the reference does not know yet counts as this long
 GROWTH = 0.20
 GROWTH_FLOOR = 5.0
 BIN = os.path.dirname(sys.executable)
@@ -42,7 +52,7 @@ BIN = os.path.dirname(sys.executable)
 os.environ["PATH"] = BIN + os.pathsep + os.environ.get("PATH", "")
 
 
-def scenarios():
+def scenario_names():
     names = os.environ.get("SCENARIOS", "").split()
     if names:
         return names
@@ -50,49 +60,9 @@ def scenarios():
                   if os.path.exists(os.path.join(REPO, "molecule", d, "molecule.yml")))
 
 
-def side_by_side(lane, lanes):
-    """lane(names) for each list of names in LANES, each in its own thread; returns when all ended."""
-    threads = [threading.Thread(target=lane, args=(names,)) for names in lanes]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-
-
-def run_local_layers(wanted, layers):
-    """The local layers of WANTED in LOCAL_LANES side by side; a failing layer stops every lane
-    before its next layer. Each layer's output goes to build/timings/LAYER.log and is printed
-    whole when the layer ends (one layer at a time, so outputs do not mix). True when all passed."""
-    failed = []
-    lock = threading.Lock()
-
-    def lane(names):
-        for name in names:
-            if name not in wanted or failed:
-                continue
-            path = os.path.join(OUT, "%s.log" % name)
-            with open(path, "w") as log:
-                rc, secs = make(name, log)
-            with lock:
-                layers[name] = (rc, secs)
-                with open(path, errors="replace") as f:
-                    print("== %s (%s in %.0f s)\n%s" % (name, "passed" if rc == 0 else "FAILED", secs, f.read()), flush=True)
-                if rc != 0:
-                    failed.append(name)
-
-    side_by_side(lane, LOCAL_LANES)
-    return not failed
-
-
-def make(target, log=None):
-    t0 = time.time()
-    proc = subprocess.run(["make", "--no-print-directory", target], cwd=REPO, check=False,
-                          stdout=log, stderr=subprocess.STDOUT if log else None)
-    return proc.returncode, round(time.time() - t0, 1)
-
-
 class Prebuild:
-    """`make prebuild` in a second process, its output in build/timings/prebuild.log."""
+    """`make prebuild` in a second process, its output in build/timings/prebuild.log; ready() says which
+    of the caches the scenarios boot from exist so far."""
 
     def __init__(self):
         self.t0 = time.time()
@@ -100,17 +70,36 @@ class Prebuild:
         self.proc = subprocess.Popen(["make", "--no-print-directory", "prebuild"], cwd=REPO,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         self.seconds = None
+        self.made = set()
+        self.waiter = threading.Thread(target=self._wait)
+        self.waiter.start()
+        sys.path.insert(0, os.path.join(HERE, "vm"))
+        sys.path.insert(0, os.path.join(HERE, "images"))
+        import build as images  # noqa: E402  (tests/images/build.py)
+        import vm  # noqa: E402  (tests/vm/vm.py)
+        self.images, self.vm = images, vm
 
-    def wait(self):
-        rc = self.proc.wait()
+    def _wait(self):
+        self.proc.wait()
         self.seconds = round(time.time() - self.t0, 1)
         self.log.close()
-        return rc
+
+    def ready(self):
+        """The caches made so far, by the names of build/timings/prebuild.json's (where prebuild.py
+        leaves each; the preloaded layer's key covers the archive's size, known once it exists)."""
+        archive = self.images.archive_path()
+        paths = {"vm-image": os.path.join(self.vm.image_dir(), "DONE"), "test-images": archive}
+        if os.path.exists(archive):
+            paths["preload-layer"] = self.vm.preload_path(archive)
+        self.made.update(name for name, path in paths.items() if os.path.exists(path))
+        return self.made
 
     def stop(self):
+        """Wait for it (terminate it first when a failure ended the run early); its return code."""
         if self.proc.poll() is None:
             self.proc.terminate()
-            self.wait()
+        self.waiter.join()
+        return self.proc.returncode
 
 
 def load(name):
@@ -121,9 +110,9 @@ def load(name):
         return None
 
 
-def collect(layers):
-    """The figures of this run: layer times, cache hits and misses, scenario stages."""
-    figures = {"layers": {}, "caches": {}, "stages": {}, "cpu": {}, "failed": []}
+def collect(layers, starts=None):
+    """The figures of this run: layer times (and when each started), cache hits and misses, scenario stages."""
+    figures = {"layers": {}, "caches": {}, "stages": {}, "cpu": {}, "failed": [], "started": dict(starts or {})}
     for name, (rc, secs) in layers.items():
         figures["layers"][name] = secs
         if rc != 0:
@@ -134,7 +123,7 @@ def collect(layers):
     if os.environ.get("HOMELAB_VENV_CACHE") in ("hit", "miss"):
         figures["caches"]["venv"] = {"hit": os.environ["HOMELAB_VENV_CACHE"] == "hit",
                                      "seconds": float(os.environ.get("HOMELAB_VENV_SECONDS") or 0), "key": ".venv"}
-    for scenario in scenarios():
+    for scenario in scenario_names():
         report = load("%s.json" % scenario)
         if not report or ("molecule/" + scenario) not in layers:
             continue
@@ -173,8 +162,10 @@ def table(figures, reference):
         key = "%s/%s" % (name, "hit" if entry["hit"] else "miss")
         row("cache", key, entry["seconds"], ref.get("caches", {}).get(key), entry.get("key", ""))
     for name, secs in figures["layers"].items():
+        started = figures.get("started", {}).get(name)
         row("layer", name, secs, ref.get("layers", {}).get(name),
-            "FAILED" if name in figures["failed"] else "")
+            " ".join(([] if started is None else ["started at +%.0f s" % started])
+                     + (["FAILED"] if name in figures["failed"] else [])))
     for name, secs in figures["stages"].items():
         cpu = figures["cpu"].get(name)
         row("stage", name, secs, ref.get("stages", {}).get(name), "cpu %d %%" % cpu if cpu is not None else "")
@@ -251,52 +242,147 @@ def write_reference():
     return 0
 
 
-def lanes_for(names, count, reference):
-    """Scenarios split into COUNT lanes run side by side, longest first onto the least loaded lane
-    (by the reference's scenario totals; unknown ones count as long)."""
-    totals = (reference or {}).get("layers", {})
-    order = sorted(names, key=lambda n: -totals.get("molecule/" + n, 3600))
-    lanes = [[] for lane in range(max(1, min(count, len(names))))]
-    loads = [0.0] * len(lanes)
-    for name in order:
-        i = loads.index(min(loads))
-        lanes[i].append(name)
-        loads[i] += totals.get("molecule/" + name, 3600)
-    return lanes
+class Job:
+    """One layer: a local one (`make NAME`) or a molecule scenario (`scenario.py NAME`). needs: what
+    must exist before it starts (names of the prebuild's caches, or converged:SCENARIO)."""
+
+    def __init__(self, name, command, needs=(), local=False, makes_converged=False):
+        self.name, self.command, self.needs, self.local = name, command, list(needs), local
+        self.makes_converged = makes_converged  # leaves a converged image others boot over
+        self.started = self.ended = self.rc = None
+
+    @property
+    def key(self):
+        """Its row in the table: the local layer's name, molecule/NAME for a scenario."""
+        return self.name if self.local else "molecule/" + self.name
 
 
-def run_scenarios(layers):
-    """Each lane runs its scenarios one after another, the lanes side by side; a failed scenario
-    stops its lane and no lane starts another one. Each scenario's output: build/timings/NAME.log."""
-    count = int(os.environ.get("MOLECULE_LANES", "1"))
-    lanes = lanes_for(scenarios(), count, read_reference())
-    print("molecule: %d lane(s): %s" % (len(lanes), " | ".join(" -> ".join(lane) for lane in lanes)), flush=True)
-    failed = []
-    lock = threading.Lock()
+def scenario_jobs(names):
+    """A job for each scenario, in the order scenario.py runs them alone, with what each one's VMs need."""
+    sys.path.insert(0, os.path.join(HERE, "vm"))
+    import scenario as scenarios  # noqa: E402  (tests/vm/scenario.py)
+    jobs = []
+    for name in scenarios.in_order(names):
+        config = scenarios.scenario_config(name)
+        needs = ["vm-image", "test-images"] + (["preload-layer"] if scenarios.needs_preload(config) else [])
+        needs += ["converged:" + n for n in scenarios.needs_converged(config)]
+        jobs.append(Job(name, [sys.executable, os.path.join(HERE, "vm", "scenario.py"), name], needs,
+                        makes_converged=scenarios.produces_converged(config)))
+    return jobs, scenarios
 
-    def lane(names):
-        for name in names:
-            if failed:
-                return
-            with lock:
-                print("== molecule %s: started (output: build/timings/%s.log)" % (name, name), flush=True)
-            t = time.time()
-            with open(os.path.join(OUT, "%s.log" % name), "w") as log:
-                proc = subprocess.run([sys.executable, os.path.join(HERE, "vm", "scenario.py"), name], cwd=REPO,
-                                      stdout=log, stderr=subprocess.STDOUT, check=False)
-            secs = round(time.time() - t, 1)
-            with lock:
-                layers["molecule/" + name] = (proc.returncode, secs)
-                with open(os.path.join(OUT, "%s.log" % name), errors="replace") as f:
-                    text = f.read()
-                if proc.returncode != 0:
-                    failed.append(name)
-                    print("== molecule %s: FAILED after %.0f s; the end of its output:\n%s" % (name, secs, text[-12000:]))
-                else:
-                    print("== molecule %s: passed in %.0f s%s" % (name, secs, text[text.rfind("\nscenario "):]), flush=True)
 
-    side_by_side(lane, lanes)
-    return not failed
+def priorities(jobs, reference):
+    """Which job a free lane takes first: the scenario heading the longest chain (its reference time
+    plus the longest chain of jobs that wait for its converged image: the run cannot end before that
+    chain does), then the local layers (they fail in minutes when they fail), then the rest, each
+    group longest chain first."""
+    seconds = {j.name: (reference or {}).get("layers", {}).get(j.key, UNKNOWN_SECONDS) for j in jobs}
+    waiting = {j.name: [w.name for w in jobs if "converged:" + j.name in w.needs] for j in jobs}
+
+    def chain(name):
+        return seconds[name] + max([chain(w) for w in waiting[name]] or [0.0])
+    chains = {j.name: chain(j.name) for j in jobs}
+    head = max((j for j in jobs if not j.local), key=lambda j: chains[j.name], default=None)
+    return {j.name: (2 if j is head else 1 if j.local else 0, chains[j.name]) for j in jobs}
+
+
+class Scheduler:
+    """Runs JOBS in LANES side by side (see the module's docstring); layers[key] = (rc, seconds)."""
+
+    def __init__(self, jobs, lanes, layers, prebuild=None, scenarios=None, reference=None):
+        self.jobs, self.lanes, self.layers = jobs, max(1, lanes), layers
+        self.prebuild, self.scenarios = prebuild, scenarios
+        self.priority = priorities(jobs, reference)
+        self.t0 = time.time()
+        self.failed = []
+        self.starts = {}  # key: seconds after the start of the run
+        self.lock = threading.Lock()
+        for job in jobs:
+            if job.makes_converged:
+                # an earlier run's converged image: never booted by this run (so one there is this run's)
+                shutil.rmtree(scenarios.converged_dir(job.name), ignore_errors=True)
+
+    def have(self, need):
+        """True when NEED exists, False while it may still come, or the reason it never will."""
+        if need.startswith("converged:"):
+            maker = need.split(":", 1)[1]
+            if os.path.exists(os.path.join(self.scenarios.converged_dir(maker), "DONE.json")):
+                return True
+            job = next(j for j in self.jobs if j.name == maker)  # scenario.in_order() added it
+            return "%s left no converged image" % maker if job.rc is not None else False
+        if need in self.prebuild.ready():
+            return True
+        if self.prebuild.proc.poll() is not None:
+            return "the prebuild ended without %s (build/timings/prebuild.log)" % need
+        return False
+
+    def next_job(self):
+        """The waiting job with the longest way to the end among those that can start (None if none
+        can yet); a job that never can is failed on the spot."""
+        ready = []
+        for job in self.jobs:
+            if job.started is not None:
+                continue
+            states = [self.have(need) for need in job.needs]
+            never = [s for s in states if isinstance(s, str)]
+            if never:
+                job.started = job.ended = time.time()
+                job.rc = 1
+                self.finish(job, "not started: %s" % "; ".join(never))
+                continue
+            if all(s is True for s in states):
+                ready.append(job)
+        if not ready or self.failed:
+            return None
+        job = max(ready, key=lambda j: self.priority[j.name])
+        job.started = time.time()
+        return job
+
+    def finish(self, job, text):
+        secs = round(job.ended - job.started, 1)
+        self.layers[job.key] = (job.rc, secs)
+        self.starts[job.key] = round(job.started - self.t0, 1)
+        if job.rc != 0:
+            self.failed.append(job.name)
+        if job.local:
+            print("== %s (%s in %.0f s)\n%s" % (job.name, "passed" if job.rc == 0 else "FAILED", secs, text), flush=True)
+        elif job.rc != 0:
+            print("== molecule %s: FAILED after %.0f s; the end of its output:\n%s" % (job.name, secs, text[-12000:]),
+                  flush=True)
+        else:
+            print("== molecule %s: passed in %.0f s%s" % (job.name, secs, text[text.rfind("\nscenario "):]), flush=True)
+
+    def lane(self, number):
+        while True:
+            with self.lock:
+                if self.failed or all(j.started is not None for j in self.jobs):
+                    return
+                job = self.next_job()
+                if job is not None:
+                    print("== %s: started in lane %d at +%.0f s (output: build/timings/%s.log)"
+                          % (job.key, number, job.started - self.t0, job.name), flush=True)
+            if job is None:
+                time.sleep(2)
+                continue
+            path = os.path.join(OUT, "%s.log" % job.name)
+            with open(path, "w") as log:
+                job.rc = subprocess.run(job.command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                        check=False).returncode
+            job.ended = time.time()
+            with open(path, errors="replace") as f:
+                text = f.read()
+            with self.lock:
+                self.finish(job, text)
+
+    def run(self):
+        """All jobs in the lanes; True when every one passed."""
+        print("jobs: %s; %d lane(s)" % (", ".join(j.key for j in self.jobs), self.lanes), flush=True)
+        threads = [threading.Thread(target=self.lane, args=(n + 1,)) for n in range(self.lanes)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return not self.failed
 
 
 def main(argv):
@@ -309,36 +395,41 @@ def main(argv):
     if "--write-reference" in argv:
         return write_reference()
     wanted = argv or LOCAL_LAYERS + ["molecule"]
+    unknown = [w for w in wanted if w not in LOCAL_LAYERS + ["molecule"]]
+    if unknown:
+        print("unknown layer(s): %s (layers: %s)" % (", ".join(unknown), ", ".join(LOCAL_LAYERS + ["molecule"])),
+              file=sys.stderr)
+        return 2
     os.makedirs(OUT, exist_ok=True)
     for stale in ("report.json", "report.txt", "prebuild.json"):
         if os.path.exists(os.path.join(OUT, stale)):
             os.unlink(os.path.join(OUT, stale))
     t0 = time.time()
     layers = {}
-    prebuild = None
+    jobs = [Job(name, ["make", "--no-print-directory", name], local=True) for name in LOCAL_LAYERS if name in wanted]
+    prebuild = scenarios = None
     if "molecule" in wanted:
+        scenario_list, scenarios = scenario_jobs(scenario_names())
+        jobs += scenario_list
         prebuild = Prebuild()
-    ok = True
+    scheduler = Scheduler(jobs, LANES, layers, prebuild, scenarios, read_reference())
+    ok = False
     try:
-        ok = run_local_layers(wanted, layers)
-        if ok and prebuild:
-            t = time.time()
-            rc = prebuild.wait()
-            layers["prebuild (waited for)"] = (rc, round(time.time() - t, 1))
-            if rc != 0:
-                with open(os.path.join(OUT, "prebuild.log")) as f:
-                    print(f.read()[-4000:])
-                ok = False
-        if ok and "molecule" in wanted:
-            ok = run_scenarios(layers)
+        ok = scheduler.run()
     finally:
         if prebuild:
             prebuild.stop()
-        figures = collect(layers)
+            if prebuild.proc.returncode:
+                with open(os.path.join(OUT, "prebuild.log"), errors="replace") as f:
+                    print("== prebuild FAILED; the end of its output:\n%s" % f.read()[-4000:], flush=True)
+        figures = collect(layers, scheduler.starts)
         if prebuild and prebuild.seconds is not None:
             figures["layers"]["prebuild (background)"] = prebuild.seconds
         figures["total"] = round(time.time() - t0, 1)
         report(figures)
+        not_run = [j.key for j in jobs if j.started is None]
+        if not_run:
+            print("not run (a job failed before they could start): %s" % ", ".join(not_run), flush=True)
         for name in figures["failed"]:
             print(why_failed(name), flush=True)
     if ok:

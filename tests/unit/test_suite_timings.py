@@ -1,9 +1,12 @@
-"""The time table of `make test` (tests/suite.py) and the VM harness's port choice (tests/vm/vm.py):
-growth against the reference is named, lanes are balanced, a port another VM holds is not reused."""
+"""The time table of `make test` (tests/suite.py), its jobs in lanes, and the VM harness's port choice
+(tests/vm/vm.py): growth against the reference is named, the longest chain starts first, a scenario
+waits for the converged image it boots over, a failure starts nothing more, a port another VM holds
+is not reused."""
 
 import json
 import os
 import socket
+import sys
 
 import pytest
 
@@ -60,14 +63,100 @@ def test_without_a_reference_nothing_grew(suite):
     assert text.splitlines()[-1] == "grew against the reference: nothing"
 
 
-def test_lanes_put_the_longest_first_and_balance_the_rest(suite):
-    ref = {"layers": {"molecule/day2": 1800, "molecule/default": 800, "molecule/multihost": 600,
-                      "molecule/rootful": 350, "molecule/rocm": 100}}
-    lanes = suite.lanes_for(["default", "day2", "multihost", "rocm", "rootful"], 2, ref)
-    assert lanes[0][0] == "day2" and lanes[1][:2] == ["default", "multihost"]
-    assert sorted(sum(lanes, [])) == ["day2", "default", "multihost", "rocm", "rootful"]
-    assert suite.lanes_for(["default", "day2"], 1, ref) == [["day2", "default"]]
-    assert suite.lanes_for(["rocm"], 4, ref) == [["rocm"]]
+def job(suite, name, needs=(), local=False, makes=False, rc=0, log=None):
+    """A job whose command appends its name to LOG (a file) and exits with RC."""
+    script = "import sys; open(%r, 'a').write(%r + '\\n'); print('output of %s'); sys.exit(%d)" % (str(log), name, name, rc)
+    return suite.Job(name, [sys.executable, "-c", script], needs, local=local, makes_converged=makes)
+
+
+class FakeScenarios:
+    def __init__(self, root):
+        self.root = root
+
+    def converged_dir(self, name):
+        return os.path.join(self.root, name)
+
+
+class FakePrebuild:
+    def __init__(self, made=("vm-image", "test-images", "preload-layer")):
+        self.made = set(made)
+
+        class Proc:
+            @staticmethod
+            def poll():
+                return None
+        self.proc = Proc
+
+    def ready(self):
+        return self.made
+
+
+def test_the_longest_chain_goes_first_then_the_local_layers(suite):
+    ref = {"layers": {"molecule/default": 400, "molecule/update": 700, "molecule/multihost": 900, "lint": 50,
+                      "integration": 200}}
+    jobs = [suite.Job("lint", [], local=True), suite.Job("integration", [], local=True),
+            suite.Job("default", [], makes_converged=True), suite.Job("update", [], ["converged:default"]),
+            suite.Job("multihost", [])]
+    prio = suite.priorities(jobs, ref)
+    # default heads the longest chain (400 + 700 > 900): first, even before the local layers
+    assert max(prio, key=prio.get) == "default" and prio["default"][1] == 1100
+    order = sorted(prio, key=prio.get, reverse=True)
+    assert order == ["default", "integration", "lint", "multihost", "update"]
+    assert suite.priorities([suite.Job("rocm", [])], None)["rocm"] == (2, suite.UNKNOWN_SECONDS)
+
+
+def test_a_scenario_waits_for_the_converged_image_it_boots_over(suite, monkeypatch, tmp_path):
+    monkeypatch.setattr(suite, "OUT", str(tmp_path))
+    log = tmp_path / "order"
+    made = tmp_path / "converged"
+    (made / "default").mkdir(parents=True)
+    (made / "default" / "DONE.json").write_text("{}")  # an earlier run's: removed before anything starts
+    maker = job(suite, "default", makes=True, log=log)
+    # the maker leaves its image as scenario.py's side_effect stage does
+    maker.command[-1] = maker.command[-1].replace(
+        "sys.exit(0)", "import os; os.makedirs(%r); open(%r, 'w').write('{}'); sys.exit(0)"
+        % (str(made / "default"), str(made / "default" / "DONE.json")))
+    jobs = [job(suite, "update", ["converged:default", "vm-image"], log=log), maker,
+            job(suite, "lint", local=True, log=log)]
+    layers = {}
+    scheduler = suite.Scheduler(jobs, 2, layers, FakePrebuild(), FakeScenarios(str(made)), None)
+    assert scheduler.run() is True
+    order = log.read_text().split()
+    assert order.index("default") < order.index("update") and sorted(order) == ["default", "lint", "update"]
+    assert sorted(layers) == ["lint", "molecule/default", "molecule/update"]
+    assert scheduler.starts["molecule/update"] >= scheduler.starts["molecule/default"]
+    assert (tmp_path / "update.log").read_text() == "output of update\n"
+
+
+def test_a_failure_starts_nothing_more_and_a_missing_image_is_a_failure(suite, monkeypatch, tmp_path):
+    monkeypatch.setattr(suite, "OUT", str(tmp_path))
+    log = tmp_path / "order"
+    # default ends without leaving its image: update never can start, and says why
+    jobs = [job(suite, "default", makes=True, log=log), job(suite, "update", ["converged:default"], log=log)]
+    layers = {}
+    scheduler = suite.Scheduler(jobs, 1, layers, FakePrebuild(), FakeScenarios(str(tmp_path / "c")), None)
+    assert scheduler.run() is False
+    assert scheduler.failed == ["update"] and layers["molecule/update"][0] == 1
+    # a failing job: no job starts after it, in any lane
+    log.write_text("")
+    jobs = [job(suite, "lint", local=True, rc=1, log=log), job(suite, "rocm", log=log), job(suite, "rootful", log=log)]
+    scheduler = suite.Scheduler(jobs, 1, {}, FakePrebuild(), FakeScenarios(str(tmp_path / "c")), None)
+    assert scheduler.run() is False
+    assert log.read_text().split()[0] == "rocm" and "rootful" not in log.read_text().split()  # rocm heads, lint next
+    # a cache the prebuild never made
+
+    class Ended(FakePrebuild):
+        def __init__(self):
+            super().__init__(made=())
+
+            class Proc:
+                @staticmethod
+                def poll():
+                    return 2
+            self.proc = Proc
+    layers = {}
+    scheduler = suite.Scheduler([job(suite, "rocm", ["vm-image"], log=log)], 1, layers, Ended(), None, None)
+    assert scheduler.run() is False and layers["molecule/rocm"][0] == 1
 
 
 def test_the_reference_is_written_only_from_a_passing_run(suite, monkeypatch, tmp_path):
@@ -131,30 +220,6 @@ def test_a_failed_scenario_is_explained_at_the_very_end(suite, monkeypatch, tmp_
     # a local layer's output is in its own log too (the lanes run side by side)
     (tmp_path / "unit.log").write_text("tests/unit/test_x.py F\nFAILED tests/unit/test_x.py::test_y - assert 1 == 2\n")
     assert suite.why_failed("unit").splitlines()[1:] == ["  FAILED tests/unit/test_x.py::test_y - assert 1 == 2"]
-
-
-def test_local_layers_run_in_lanes_and_a_failure_stops_the_next_layer(suite, monkeypatch, tmp_path):
-    """integration beside lint -> sanity -> unit; each layer's output kept and printed whole;
-    after a failing layer no lane starts another one."""
-    monkeypatch.setattr(suite, "OUT", str(tmp_path))
-    started = []
-
-    def make(target, log=None):
-        started.append(target)
-        log.write("output of %s\n" % target)
-        return (1 if target == "lint" else 0), 1.0
-
-    monkeypatch.setattr(suite, "make", make)
-    layers = {}
-    assert suite.run_local_layers(suite.LOCAL_LAYERS, layers) is False
-    assert "sanity" not in started and "unit" not in started  # lint failed: its lane stops
-    assert layers["lint"] == (1, 1.0) and (tmp_path / "lint.log").read_text() == "output of lint\n"
-    started.clear()
-    monkeypatch.setattr(suite, "make", lambda target, log=None: (started.append(target), log.write("ok\n"), (0, 1.0))[-1])
-    layers = {}
-    assert suite.run_local_layers(["unit", "integration"], layers) is True
-    assert sorted(started) == ["integration", "unit"] and sorted(layers) == ["integration", "unit"]
-    assert sorted(layer for lane in suite.LOCAL_LANES for layer in lane) == sorted(suite.LOCAL_LAYERS)
 
 
 def test_prebuild_builds_side_by_side_and_reports_a_failure_once_both_ended(load_script):
