@@ -6,7 +6,8 @@
 
 Layers: lint, sanity, unit, integration (each `make LAYER`; integration in two pytest workers) and the
 molecule scenarios (`tests/vm/scenario.py NAME`), each a job; TEST_LANES (default 2) jobs run side by
-side, one per core. A job starts when a lane is free and what it needs exists: the local layers need
+side, one per core, and a scenario of N VMs takes N lanes (multihost's two run alone, never three
+guests on two cores). A job starts when its lanes are free and what it needs exists: the local layers need
 nothing and go first (a wrong line fails in minutes, not at the end); a scenario needs the caches its
 VMs boot from (the VM image, the test images, the preloaded disk layer: `make prebuild`, built in a
 second process meanwhile) and, when it boots over another scenario's converged image (faults, day2,
@@ -246,8 +247,9 @@ class Job:
     """One layer: a local one (`make NAME`) or a molecule scenario (`scenario.py NAME`). needs: what
     must exist before it starts (names of the prebuild's caches, or converged:SCENARIO)."""
 
-    def __init__(self, name, command, needs=(), local=False, makes_converged=False):
+    def __init__(self, name, command, needs=(), local=False, makes_converged=False, width=1):
         self.name, self.command, self.needs, self.local = name, command, list(needs), local
+        self.width = width  # the lanes (cores) it keeps busy: one per VM of a scenario
         self.makes_converged = makes_converged  # leaves a converged image others boot over
         self.started = self.ended = self.rc = None
 
@@ -267,7 +269,8 @@ def scenario_jobs(names):
         needs = ["vm-image", "test-images"] + (["preload-layer"] if scenarios.needs_preload(config) else [])
         needs += ["converged:" + n for n in scenarios.needs_converged(config)]
         jobs.append(Job(name, [sys.executable, os.path.join(HERE, "vm", "scenario.py"), name], needs,
-                        makes_converged=scenarios.produces_converged(config)))
+                        makes_converged=scenarios.produces_converged(config),
+                        width=max(1, len(config.get("platforms", [])))))
     return jobs, scenarios
 
 
@@ -295,6 +298,7 @@ class Scheduler:
         self.priority = priorities(jobs, reference)
         self.t0 = time.time()
         self.failed = []
+        self.busy = 0  # the widths of the jobs running now
         self.starts = {}  # key: seconds after the start of the run
         self.lock = threading.Lock()
         for job in jobs:
@@ -330,12 +334,13 @@ class Scheduler:
                 job.rc = 1
                 self.finish(job, "not started: %s" % "; ".join(never))
                 continue
-            if all(s is True for s in states):
+            if all(s is True for s in states) and (self.busy == 0 or self.busy + job.width <= self.lanes):
                 ready.append(job)
         if not ready or self.failed:
             return None
         job = max(ready, key=lambda j: self.priority[j.name])
         job.started = time.time()
+        self.busy += job.width
         return job
 
     def finish(self, job, text):
@@ -372,6 +377,7 @@ class Scheduler:
             with open(path, errors="replace") as f:
                 text = f.read()
             with self.lock:
+                self.busy -= job.width
                 self.finish(job, text)
 
     def run(self):

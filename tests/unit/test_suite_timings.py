@@ -63,10 +63,12 @@ def test_without_a_reference_nothing_grew(suite):
     assert text.splitlines()[-1] == "grew against the reference: nothing"
 
 
-def job(suite, name, needs=(), local=False, makes=False, rc=0, log=None):
-    """A job whose command appends its name to LOG (a file) and exits with RC."""
-    script = "import sys; open(%r, 'a').write(%r + '\\n'); print('output of %s'); sys.exit(%d)" % (str(log), name, name, rc)
-    return suite.Job(name, [sys.executable, "-c", script], needs, local=local, makes_converged=makes)
+def job(suite, name, needs=(), local=False, makes=False, rc=0, log=None, width=1, sleep=0.0):
+    """A job whose command appends its name (then "/NAME" as it ends, after SLEEP seconds) to LOG (a
+    file) and exits with RC."""
+    script = ("import sys, time; open(%r, 'a').write(%r + '\\n'); print('output of %s'); time.sleep(%r); "
+              "open(%r, 'a').write('/' + %r + '\\n'); sys.exit(%d)" % (str(log), name, name, sleep, str(log), name, rc))
+    return suite.Job(name, [sys.executable, "-c", script], needs, local=local, makes_converged=makes, width=width)
 
 
 class FakeScenarios:
@@ -121,11 +123,32 @@ def test_a_scenario_waits_for_the_converged_image_it_boots_over(suite, monkeypat
     layers = {}
     scheduler = suite.Scheduler(jobs, 2, layers, FakePrebuild(), FakeScenarios(str(made)), None)
     assert scheduler.run() is True
-    order = log.read_text().split()
+    order = [w for w in log.read_text().split() if not w.startswith("/")]
     assert order.index("default") < order.index("update") and sorted(order) == ["default", "lint", "update"]
     assert sorted(layers) == ["lint", "molecule/default", "molecule/update"]
     assert scheduler.starts["molecule/update"] >= scheduler.starts["molecule/default"]
     assert (tmp_path / "update.log").read_text() == "output of update\n"
+
+
+def test_a_scenario_of_two_vms_takes_two_lanes(suite, monkeypatch, tmp_path):
+    monkeypatch.setattr(suite, "OUT", str(tmp_path))
+    log = tmp_path / "order"
+    ref = {"layers": {"molecule/default": 400, "molecule/multihost": 300, "molecule/rootful": 200}}
+    jobs = [job(suite, "default", log=log, sleep=1.0), job(suite, "multihost", log=log, width=2),
+            job(suite, "rootful", log=log, sleep=1.0)]
+    scheduler = suite.Scheduler(jobs, 2, {}, FakePrebuild(), FakeScenarios(str(tmp_path / "c")), ref)
+    assert scheduler.run() is True
+    events = log.read_text().split()
+    # multihost outranks rootful, but its two VMs never share the cores with a third: rootful takes
+    # the free lane, multihost starts when both lanes are free, and then runs alone
+    assert events[:2] == ["default", "rootful"] or events[:2] == ["rootful", "default"]
+    assert events.index("multihost") > max(events.index("/default"), events.index("/rootful"))
+    assert scheduler.busy == 0
+    # wider than all the lanes: it runs, alone
+    log.write_text("")
+    scheduler = suite.Scheduler([job(suite, "multihost", log=log, width=2)], 1, {}, FakePrebuild(),
+                                FakeScenarios(str(tmp_path / "c")), None)
+    assert scheduler.run() is True and log.read_text().split() == ["multihost", "/multihost"]
 
 
 def test_a_failure_starts_nothing_more_and_a_missing_image_is_a_failure(suite, monkeypatch, tmp_path):
