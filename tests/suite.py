@@ -10,7 +10,7 @@ side, one per core, and a scenario of N VMs takes N lanes (multihost's two run a
 guests on two cores). A job starts when its lanes are free and what it needs exists: the local layers need
 nothing and go first (a wrong line fails in minutes, not at the end); a scenario needs the caches its
 VMs boot from (the VM image, the test images, the preloaded disk layer: `make prebuild`, built in a
-second process meanwhile) and, when it boots over another scenario's converged image (faults, day2,
+second process meanwhile) and, when it resumes another scenario's converged image (faults, day2,
 update over default's), that scenario's image, made while that scenario runs. Among the jobs that can
 start, the one with the longest way to the end goes first (its reference time plus the longest chain
 of jobs waiting for it), so default, which the converged-image scenarios wait for, starts as soon as
@@ -250,7 +250,7 @@ class Job:
     def __init__(self, name, command, needs=(), local=False, makes_converged=False, width=1):
         self.name, self.command, self.needs, self.local = name, command, list(needs), local
         self.width = width  # the lanes (cores) it keeps busy: one per VM of a scenario
-        self.makes_converged = makes_converged  # leaves a converged image others boot over
+        self.makes_converged = makes_converged  # leaves a converged image others resume
         self.started = self.ended = self.rc = None
 
     @property

@@ -150,9 +150,11 @@ def user_data(host):
 
 
 def wait_converged_host(host, timeout=420):
-    """A VM booted over a converged image (molecule/shared/snapshot.yml) starts its services at boot,
-    with nobody logged in: every service active and healthy within TIMEOUT, or the module fails."""
+    """A VM resumed from a converged image (molecule/shared/snapshot.yml) was saved with every service
+    running: every service active and healthy within TIMEOUT (a check the saved guest had under way
+    ends first), or the module fails. That services start at boot with nobody logged in is the faults
+    scenario's reboot test."""
     took = wait_until(lambda: all_healthy(host), timeout, 3)
-    assert took is not None, "the converged host's services were not all healthy within %d s of its boot" % timeout
+    assert took is not None, "the converged host's services were not all healthy within %d s of its resume" % timeout
     assert_all_active_and_healthy(host)
     return took

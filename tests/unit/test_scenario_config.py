@@ -59,7 +59,7 @@ def test_what_a_scenario_sets_itself_wins(scenario):
     assert scenario.scenario_config("rocm")["provisioner"]["playbooks"]["converge"] == "converge.yml"
 
 
-def test_default_leaves_the_converged_image_the_others_boot_over(scenario):
+def test_default_leaves_the_converged_image_the_others_resume(scenario):
     default = scenario.scenario_config("default")
     assert scenario.produces_converged(default)
     sequence = default["scenario"]["test_sequence"]
@@ -71,6 +71,8 @@ def test_default_leaves_the_converged_image_the_others_boot_over(scenario):
         config = scenario.scenario_config(name)
         assert scenario.needs_converged(config) == ["default"] and not scenario.needs_preload(config)
         assert config["provisioner"]["inventory"]["links"] == {"group_vars": "../default/group_vars/"}
+        # resumed with its pool and share mounted: `molecule create` runs no prepare.yml after it
+        assert config["scenario"]["create_sequence"] == ["create"]
     assert scenario.needs_preload(scenario.scenario_config("rootful"))
 
 

@@ -2,7 +2,7 @@
 
     scenario.py NAME [NAME ...]
 
-Stages follow each scenario's test_sequence. A scenario whose VMs boot over another one's converged
+Stages follow each scenario's test_sequence. A scenario whose VMs resume another one's converged
 image (platform key converged_from) runs after it; that one is run first when not named and its
 image is not there (named alone, such a scenario reuses the image an earlier run left). Timings, how busy this machine's CPUs were during
 each stage (a stage near 100 % is bound by the 2 cores; a low one waits), and whether the VM image
@@ -129,7 +129,7 @@ def produces_converged(config):
 
 
 def needs_converged(config):
-    """The scenarios whose converged image this one's VMs boot over (platform key converged_from)."""
+    """The scenarios whose converged image this one's VMs resume (platform key converged_from)."""
     return sorted({p["converged_from"] for p in config.get("platforms", []) if p.get("converged_from")})
 
 
@@ -139,9 +139,9 @@ def needs_preload(config):
 
 
 def in_order(names, add_makers=True):
-    """NAMES with every scenario that makes a converged image before those that boot over it,
+    """NAMES with every scenario that makes a converged image before those that resume it,
     otherwise as given. ADD_MAKERS: a maker not named is added when its image is not there (named
-    alone, a scenario that boots over one reuses the image an earlier run left)."""
+    alone, a scenario that resumes one reuses the image an earlier run left)."""
     wanted = list(names)
     for name in names:
         for need in needs_converged(scenario_config(name)):
@@ -163,11 +163,11 @@ def run(scenario):
             with open(os.path.join(converged_dir(need), "DONE.json")) as f:
                 made = json.load(f)["made"]
         except (OSError, ValueError, KeyError):
-            print("\nscenario %s: FAILED before create: it boots over the converged image of %s, and %s left none "
+            print("\nscenario %s: FAILED before create: it resumes the converged image of %s, and %s left none "
                   "(%s): run %s first (scenario.py runs it first when its image is missing)"
                   % (scenario, need, need, converged_dir(need), need), flush=True)
             return False
-        print("scenario %s: boots over the converged image %s made at %s" % (scenario, converged_dir(need), made),
+        print("scenario %s: resumes the converged image %s made at %s" % (scenario, converged_dir(need), made),
               flush=True)
     report = {"scenario": scenario, "stages": {}, "cpu_busy_percent": {}}
     instances = [p["name"] for p in config.get("platforms", [])]

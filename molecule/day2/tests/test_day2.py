@@ -1,4 +1,4 @@
-"""Day-2 playbooks on a VM booted over the default scenario's converged image, in order: backup,
+"""Day-2 playbooks on a VM resumed from the default scenario's converged image, in order: backup,
 destroy, restore and compare; the timer's retention; maintenance and diagnose; uninstall keeping the
 data; purge with nothing left behind."""
 
@@ -13,7 +13,7 @@ from vmhelpers import (DUMPS, EXPORTERS, LIBRARY, PROBE_SQL, SERVICES, SNAPSHOTS
 @pytest.fixture(scope="module", autouse=True)
 def converged(host):
     """The host these tests start from: converged from bare and verified by the default scenario."""
-    record(host.backend.get_hostname(), "boot_to_all_healthy_seconds", wait_converged_host(host))
+    record(host.backend.get_hostname(), "resume_to_all_healthy_seconds", wait_converged_host(host))
 
 
 @pytest.fixture(scope="module")

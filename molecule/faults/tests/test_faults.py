@@ -1,4 +1,4 @@
-"""Faults on a VM booted over the default scenario's converged image (rootless), each test reporting
+"""Faults on a VM resumed from the default scenario's converged image (rootless), each test reporting
 a figure (build/faults/<instance>.json).
 
 Destructive and slow (minutes under TCG), so they have a VM of their own; the reboot goes last.
@@ -22,7 +22,7 @@ ALL = sorted(SERVICES)
 @pytest.fixture(scope="module", autouse=True)
 def converged(host):
     """The host these faults start from: converged from bare and verified by the default scenario."""
-    record(host.backend.get_hostname(), "boot_to_all_healthy_seconds", wait_converged_host(host))
+    record(host.backend.get_hostname(), "resume_to_all_healthy_seconds", wait_converged_host(host))
 
 
 @pytest.fixture(autouse=True)
@@ -40,8 +40,8 @@ def test_fault_ml_health_check_failing_restarts_the_unit(host):
     # this test waits for, set as a user would, with site.yml; exactly the ML unit restarts for it.
     others = {c: container_state(host, c)[1] for c, _m in SERVICES.values() if c != "immich_machine_learning"}
     _status, old = container_state(host, "immich_machine_learning")
-    rc, out = playbook("site.yml", "-e", "immich_ml_health_interval=20s", "-e", "immich_ml_health_start_period=20s")
-    assert rc == 0 and "HealthInterval=20s" in host.file(QUADLETS + "/immich-machine-learning.container").content_string, out[-3000:]
+    rc, out = playbook("site.yml", "-e", "immich_ml_health_interval=10s", "-e", "immich_ml_health_start_period=10s")
+    assert rc == 0 and "HealthInterval=10s" in host.file(QUADLETS + "/immich-machine-learning.container").content_string, out[-3000:]
     assert {c: container_state(host, c)[1] for c in others} == others
     _status, before = container_state(host, "immich_machine_learning")
     assert before not in (old, None)
@@ -49,7 +49,7 @@ def test_fault_ml_health_check_failing_restarts_the_unit(host):
     switch = "%s/ml-cache/standin/fail" % STORAGE
     host.run("touch %s" % switch)
     try:
-        # interval 20 s x 3 retries, after the 20 s start period: bounded at 300 s
+        # interval 10 s x 3 retries, after the 10 s start period: bounded at 300 s
         replaced = wait_until(lambda: container_state(host, "immich_machine_learning")[1] not in (before, None), 300, 2)
     finally:
         host.run("rm -f %s" % switch)

@@ -1,4 +1,4 @@
-"""The health-gated changes on a VM booted over the default scenario's converged image: update.yml
+"""The health-gated changes on a VM resumed from the default scenario's converged image: update.yml
 to a healthy version, in check mode, to one that never gets healthy (rolled back), a moving tag that
 breaks (rolled back); ml_backend.yml to ROCm and back, a ROCm switch that cannot start (rolled
 back), a backend gpu_facts rejects (refused)."""
@@ -16,7 +16,7 @@ ROLLBACK = "/var/lib/homelab-immich/rollback"
 @pytest.fixture(scope="module", autouse=True)
 def converged(host):
     """The host these tests start from: converged from bare and verified by the default scenario."""
-    record(host.backend.get_hostname(), "boot_to_all_healthy_seconds", wait_converged_host(host))
+    record(host.backend.get_hostname(), "resume_to_all_healthy_seconds", wait_converged_host(host))
 
 
 @pytest.fixture(scope="module")
