@@ -18,14 +18,6 @@ def suite(load_script):
     return load_script("suite_under_test", os.path.join(ROOT, "tests", "suite.py"))
 
 
-@pytest.fixture()
-def vm(monkeypatch, tmp_path, load_script):
-    module = load_script("vm_under_test", os.path.join(ROOT, "tests", "vm", "vm.py"))
-    monkeypatch.setattr(module, "RUNS", str(tmp_path / "runs"))
-    monkeypatch.setattr(module, "CACHE", str(tmp_path / "cache"))
-    return module
-
-
 def figures(**stages):
     return {"layers": {"unit": 30.0}, "caches": {"vm-image": {"hit": False, "seconds": 95.0, "key": "vm/abc"}},
             "stages": stages, "cpu": {name: 50 for name in stages}, "failed": [], "total": 100.0}

@@ -9,16 +9,6 @@ import threading
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture()
-def vm(monkeypatch, tmp_path, load_script):
-    module = load_script("vm_snapshot_under_test", os.path.join(ROOT, "tests", "vm", "vm.py"))
-    monkeypatch.setattr(module, "RUNS", str(tmp_path / "runs"))
-    monkeypatch.setattr(module, "CACHE", str(tmp_path / "cache"))
-    return module
-
 
 def fake_qemu(path, answers):
     """A QMP server on PATH for one connection: the greeting, then for each command the next of

@@ -671,16 +671,22 @@ def resumed(state):
                          % (state["name"], out.stderr.strip()))
 
 
+def stop_qemu(pid, wait=5.0):
+    """End a qemu process: SIGTERM (it closes its disks and exits), SIGKILL after WAIT seconds."""
+    if not alive(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + wait
+    while alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
 def down(name):
     state = read_state(name)
-    if state and alive(state.get("pid")):
-        os.kill(state["pid"], signal.SIGTERM)
-        for _attempt in range(50):
-            if not alive(state["pid"]):
-                break
-            time.sleep(0.1)
-        if alive(state["pid"]):
-            os.kill(state["pid"], signal.SIGKILL)
+    if state:
+        stop_qemu(state.get("pid"))
     shutil.rmtree(run_dir(name), ignore_errors=True)
 
 
@@ -766,16 +772,7 @@ def snapshot(name, out, timeout=300):
         down(name)
         shutil.rmtree(out, ignore_errors=True)
         raise SystemExit("VM %s: saving its memory did not complete (%s): no converged image made" % (name, status))
-    try:
-        qmp(state, {"execute": "quit"})
-    except (OSError, ValueError):
-        pass  # qemu may close the socket before it answers
-    for _attempt in range(100):
-        if not alive(state["pid"]):
-            break
-        time.sleep(0.1)
-    if alive(state["pid"]):
-        os.kill(state["pid"], signal.SIGKILL)
+    stop_qemu(state["pid"], wait=10)  # the saved guest stays paused: nothing runs on after the state
     rd = state["run_dir"]
     for f in ("root.qcow2", "pool.raw", "id_ed25519", "id_ed25519.pub"):
         shutil.move(os.path.join(rd, f), os.path.join(out, f))
