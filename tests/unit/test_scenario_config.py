@@ -1,6 +1,7 @@
 """The scenarios' configuration as molecule sees it: .config/molecule/config.yml with each
 molecule.yml merged over it (tests/vm/scenario.py reads the same merge to know the stages)."""
 
+import json
 import os
 
 import pytest
@@ -82,10 +83,16 @@ def test_the_maker_of_a_converged_image_runs_first(scenario, monkeypatch, tmp_pa
     assert scenario.in_order(["faults", "default", "day2"]) == ["default", "faults", "day2"]
     assert scenario.in_order(["rootful"]) == ["rootful"]
     # named alone, a scenario reuses the image an earlier run left (make test runs each job this way)
+    base = tmp_path / "root.raw"
+    base.write_bytes(b"bare")
     (tmp_path / "default").mkdir()
-    (tmp_path / "default" / "DONE.json").write_text("{}")
+    (tmp_path / "default" / "DONE.json").write_text(json.dumps({
+        "made": "now", "ram_state_bytes": 1, "shares": {}, "base": scenario.vm.base_identity(str(base))}))
     assert scenario.in_order(["update"]) == ["update"]
     assert scenario.in_order(["update", "default"]) == ["default", "update"]
+    # one that cannot be resumed any more (its cached layer rebuilt since) is made again first
+    os.utime(base, ns=(1, 1))
+    assert scenario.in_order(["update"]) == ["default", "update"]
 
 
 SIZED = ["immich_database_health_interval", "immich_redis_health_interval", "immich_server_health_interval",

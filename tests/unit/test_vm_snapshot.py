@@ -55,11 +55,17 @@ def test_no_image_and_a_powered_off_image_are_refused_with_what_to_run(vm, tmp_p
     with pytest.raises(SystemExit, match="no converged image in .*run the scenario that makes it first"):
         vm.read_converged(str(tmp_path))
     (tmp_path / "DONE.json").write_text(json.dumps({"image": "x", "memory": 3072, "shutdown_seconds": 40}))
-    with pytest.raises(SystemExit, match="powered-off one an older vm.py made: run the scenario that makes it again"):
+    with pytest.raises(SystemExit, match="one an older vm.py made: run the scenario that makes it again"):
         vm.read_converged(str(tmp_path))
 
 
 def saved_image(tmp_path, image, **facts):
+    """A converged image as snapshot() leaves it, saved over IMAGE's root.raw (a file made here)."""
+    os.makedirs(image, exist_ok=True)
+    base = os.path.join(image, "root.raw")
+    with open(base, "wb") as f:
+        f.write(b"bare image")
+    facts.setdefault("base", {"path": base, "size": 10, "mtime_ns": os.stat(base).st_mtime_ns})
     out = tmp_path / "converged"
     out.mkdir()
     for name in ("root.qcow2", "pool.raw", "ram.state"):
@@ -88,10 +94,41 @@ def test_a_resume_takes_the_saved_memory_vcpus_and_key_and_hands_qemu_the_state(
 
 
 def test_an_image_saved_over_another_vm_image_is_refused(vm, monkeypatch, tmp_path):
-    out = saved_image(tmp_path, "/elsewhere/vm/old")
+    out = saved_image(tmp_path, str(tmp_path / "elsewhere" / "vm" / "old"))
     monkeypatch.setattr(vm, "build", lambda: str(tmp_path / "cache" / "vm" / "new"))
     with pytest.raises(SystemExit, match="made over another VM image .*make it again"):
         vm.up("consumer", converged=str(out))
+
+
+def test_an_image_saved_over_a_layer_rebuilt_since_is_refused(vm, monkeypatch, tmp_path):
+    """The saved guest's memory holds its file system's state: over a rebuilt layer it would corrupt
+    it (seen: an ext4 directory block failing its checksum minutes after the resume)."""
+    image = str(tmp_path / "cache" / "vm" / "abc")
+    out = saved_image(tmp_path, image)
+    monkeypatch.setattr(vm, "build", lambda: image)
+    monkeypatch.setattr(vm, "overlays", lambda state: pytest.fail("no disk may be made for a refused resume"))
+    base = os.path.join(image, "root.raw")
+    saved = os.stat(base).st_mtime_ns
+    with open(base, "wb") as f:  # the cache rebuilt: the same path and size, another file
+        f.write(b"new image!")
+    os.utime(base, ns=(saved + 10**9, saved + 10**9))
+    with pytest.raises(SystemExit, match="saved over .*root.raw as it was then; that cached layer was rebuilt"):
+        vm.up("consumer", converged=str(out))
+    os.unlink(base)
+    with pytest.raises(SystemExit, match="that cached layer was rebuilt or removed since"):
+        vm.up("consumer", converged=str(out))
+
+
+def test_a_snapshot_records_the_layer_its_root_is_over(vm, tmp_path):
+    image = tmp_path / "vm"
+    image.mkdir()
+    (image / "root.raw").write_bytes(b"x" * 7)
+    layer = tmp_path / "preload.qcow2"
+    layer.write_bytes(b"y" * 3)
+    assert vm.base_path({"image": str(image), "backing": None}) == str(image / "root.raw")
+    assert vm.base_path({"image": str(image), "backing": str(layer)}) == str(layer)
+    assert vm.base_identity(str(layer)) == {"path": str(layer), "size": 3, "mtime_ns": os.stat(layer).st_mtime_ns}
+    assert vm.base_identity(str(tmp_path / "gone")) is None
 
 
 def test_a_resume_without_the_devices_the_guest_had_is_refused(vm, monkeypatch, tmp_path):

@@ -138,14 +138,24 @@ def needs_preload(config):
     return any(p.get("preload") for p in config.get("platforms", []))
 
 
+def converged_usable(scenario):
+    """Whether SCENARIO's converged image is there and can be resumed (vm.read_converged: made by this
+    vm.py, over the cached layers as they are now)."""
+    try:
+        vm.read_converged(converged_dir(scenario))
+    except SystemExit:
+        return False
+    return True
+
+
 def in_order(names, add_makers=True):
     """NAMES with every scenario that makes a converged image before those that resume it,
-    otherwise as given. ADD_MAKERS: a maker not named is added when its image is not there (named
-    alone, a scenario that resumes one reuses the image an earlier run left)."""
+    otherwise as given. ADD_MAKERS: a maker not named is added when its image is not there or cannot
+    be resumed (named alone, a scenario that resumes one reuses the image an earlier run left)."""
     wanted = list(names)
     for name in names:
         for need in needs_converged(scenario_config(name)):
-            if need not in wanted and add_makers and not os.path.exists(os.path.join(converged_dir(need), "DONE.json")):
+            if need not in wanted and add_makers and not converged_usable(need):
                 wanted.insert(0, need)
     makers = [n for n in wanted if produces_converged(scenario_config(n))]
     return makers + [n for n in wanted if n not in makers]

@@ -563,10 +563,9 @@ def overlay(state, path):
     if state.get("converged"):
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
              os.path.join(state["converged"], "root.qcow2"), path])
-    elif state.get("backing"):
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", state["backing"], path])
     else:
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", os.path.join(state["image"], "root.raw"), path])
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2" if state.get("backing") else "raw", "-b",
+             base_path(state), path])
 
 
 def overlays(state):
@@ -592,10 +591,30 @@ def read_converged(directory):
     except (OSError, ValueError):
         raise SystemExit("no converged image in %s: run the scenario that makes it first (its side_effect stage, "
                          "molecule/shared/snapshot.yml, keeps it there)" % directory)
-    if "ram_state_bytes" not in facts or "shares" not in facts:
-        raise SystemExit("the converged image in %s is a powered-off one an older vm.py made: run the scenario that "
-                         "makes it again" % directory)
+    if "ram_state_bytes" not in facts or "shares" not in facts or "base" not in facts:
+        raise SystemExit("the converged image in %s is one an older vm.py made: run the scenario that makes it again"
+                         % directory)
+    if base_identity(facts["base"]["path"]) != facts["base"]:
+        # its root disk is an overlay: a rebuilt layer under it is another disk than the one the saved
+        # guest's memory (page cache, file system state) remembers, and the guest corrupts its file system
+        raise SystemExit("the converged image in %s was saved over %s as it was then; that cached layer was rebuilt "
+                         "or removed since (a cold run, `make clean-cache`): run the scenario that makes it again"
+                         % (directory, facts["base"]["path"]))
     return facts
+
+
+def base_path(state):
+    """The cached file the VM's root overlay is over: the preloaded layer or the bare VM image."""
+    return state.get("backing") or os.path.join(state["image"], "root.raw")
+
+
+def base_identity(path):
+    """PATH as a snapshot records it (size and modification time: a rebuilt cache file differs), None if gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def up(name, ssh_port=None, forwards=(), memory=3072, cpus=None, pool_size="8G", shares=None, private=None,
@@ -776,7 +795,8 @@ def snapshot(name, out, timeout=300):
     rd = state["run_dir"]
     for f in ("root.qcow2", "pool.raw", "id_ed25519", "id_ed25519.pub"):
         shutil.move(os.path.join(rd, f), os.path.join(out, f))
-    facts = {"source": name, "image": state["image"], "backing": state.get("backing"), "memory": state["memory"],
+    facts = {"source": name, "image": state["image"], "backing": state.get("backing"),
+             "base": base_identity(base_path(state)), "memory": state["memory"],
              "cpus": state["cpus"], "shares": state["shares"], "private": state.get("private"),
              "ram_state_bytes": os.path.getsize(ram),
              "save_seconds": round(time.time() - t0, 1), "made": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
