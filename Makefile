@@ -9,6 +9,8 @@
 #   make molecule    molecule scenarios on Debian 13 VMs (qemu TCG): default, then faults, day2, update
 #                    over its converged image; multihost, rocm, rootful
 #   make prebuild    the cached VM image, test images and preloaded disk layer the scenarios boot from
+#   make server-images  the real Immich server (and web UI) test images, built offline from upstream's
+#                    source in ../shared/upstream (tests/images/server.py; make demo builds v3.1.0)
 #   make timings-reference   tests/timings-reference.json from the last make test's figures
 #   make demo        a throwaway VM with the whole stack, deployed by site.yml (make demo-down)
 #   make bench       converge, no-op and one-variable re-run times, module calls, restarts
@@ -28,7 +30,8 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: help deps venv constraints test lint yamllint ansible-lint changelog-lint sanity unit \
-        integration molecule prebuild timings-reference build quadlet-generator clean demo demo-down bench
+        integration molecule prebuild server-images timings-reference build quadlet-generator clean demo demo-down \
+        bench
 
 help:
 	@awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' Makefile
@@ -102,6 +105,9 @@ molecule: deps venv
 
 prebuild: deps venv
 	$(BIN)/python tests/vm/prebuild.py
+
+server-images: deps venv
+	$(BIN)/python tests/images/server.py
 
 build: venv
 	mkdir -p $(BUILD)

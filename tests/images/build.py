@@ -137,11 +137,12 @@ def run(cmd, check=True, **kw):
 
 
 def inputs_hash():
+    """Everything under tests/images but server.py (the real server's images, cached on their own)."""
     h = hashlib.sha256()
     for root, dirs, files in sorted(os.walk(HERE)):
         dirs.sort()
         for f in sorted(files):
-            if f.endswith(".pyc"):
+            if f.endswith(".pyc") or (root == HERE and f == "server.py"):
                 continue
             p = os.path.join(root, f)
             h.update(os.path.relpath(p, HERE).encode())
@@ -221,6 +222,12 @@ def build_layer(work, base, image):
                 os.makedirs(path, exist_ok=True)
                 if owner:
                     run(["chroot", merged, "chown", "%s:%s" % (owner, owner), "/" + rel])
+            for script in image.get("check", []):
+                # what the image must still do after its slimming (a removed library still needed)
+                done = run(["chroot", merged, "/bin/sh", "-ec", script], check=False, capture_output=True, text=True)
+                if done.returncode != 0:
+                    output = (done.stdout + done.stderr)[-2000:]
+                    raise SystemExit("image %s fails its check `%s`:\n%s" % (image["name"], script, output))
         finally:
             run(["umount", os.path.join(merged, "proc")])
     finally:
@@ -301,37 +308,51 @@ def layer_tar(top, out, skip_dev_contents=False):
     return h.hexdigest()
 
 
-def write_archive(out, base_tar, base_id, layers):
-    """layers: list of (image, tar path, diff id). One docker-archive holding every image."""
+def write_image_archive(out, images):
+    """One docker-archive (podman load) of IMAGES: each a dict with tag (under PREFIX), config (the
+    image's runtime configuration), layers ([(tar path, diff id)], bottom first) and history (one
+    line per layer). A layer several images share is stored once. Written beside OUT, then renamed."""
     tmp = out + ".tmp"
     manifest = []
+    stored = set()
     with tarfile.open(tmp, "w") as arc:
-        arc.add(base_tar, arcname="%s.tar" % base_id)
-        for image, tar_path, diff_id in layers:
-            arc.add(tar_path, arcname="%s.tar" % diff_id)
-            for name, extra in [(image["name"], {})] + sorted(image.get("variants", {}).items()):
-                cfg = dict(image["config"], **{k: v for k, v in extra.items() if k != "Env"})
-                cfg["Env"] = image["config"]["Env"] + extra.get("Env", [])
-                config = {
-                    "architecture": "amd64", "os": "linux", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "config": cfg,
-                    "rootfs": {"type": "layers", "diff_ids": ["sha256:" + base_id, "sha256:" + diff_id]},
-                    "history": [{"created_by": "debootstrap --variant=minbase %s + %s" % (SUITE, " ".join(BASE_PACKAGES))},
-                                {"created_by": "apt-get install %s; homelab.immich tests/images" % " ".join(image["packages"])}],
-                }
-                data = json.dumps(config, sort_keys=True).encode()
-                config_id = hashlib.sha256(data).hexdigest()
-                ti = tarfile.TarInfo("%s.json" % config_id)
-                ti.size = len(data)
-                arc.addfile(ti, io.BytesIO(data))
-                manifest.append({"Config": "%s.json" % config_id, "RepoTags": [PREFIX + name],
-                                 "Layers": ["%s.tar" % base_id, "%s.tar" % diff_id]})
+        for image in images:
+            for tar_path, diff_id in image["layers"]:
+                if diff_id not in stored:
+                    arc.add(tar_path, arcname="%s.tar" % diff_id)
+                    stored.add(diff_id)
+            config = {
+                "architecture": "amd64", "os": "linux", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "config": image["config"],
+                "rootfs": {"type": "layers", "diff_ids": ["sha256:" + d for _p, d in image["layers"]]},
+                "history": [{"created_by": line} for line in image["history"]],
+            }
+            data = json.dumps(config, sort_keys=True).encode()
+            config_id = hashlib.sha256(data).hexdigest()
+            ti = tarfile.TarInfo("%s.json" % config_id)
+            ti.size = len(data)
+            arc.addfile(ti, io.BytesIO(data))
+            manifest.append({"Config": "%s.json" % config_id, "RepoTags": [PREFIX + image["tag"]],
+                             "Layers": ["%s.tar" % d for _p, d in image["layers"]]})
         data = json.dumps(manifest, indent=1).encode()
         ti = tarfile.TarInfo("manifest.json")
         ti.size = len(data)
         arc.addfile(ti, io.BytesIO(data))
     os.rename(tmp, out)
     return manifest
+
+
+def write_archive(out, base_tar, base_id, layers):
+    """layers: list of (image, tar path, diff id). One docker-archive holding every image over the base."""
+    entries = []
+    for image, tar_path, diff_id in layers:
+        for name, extra in [(image["name"], {})] + sorted(image.get("variants", {}).items()):
+            cfg = dict(image["config"], **{k: v for k, v in extra.items() if k != "Env"})
+            cfg["Env"] = image["config"]["Env"] + extra.get("Env", [])
+            entries.append({"tag": name, "config": cfg, "layers": [(base_tar, base_id), (tar_path, diff_id)],
+                            "history": ["debootstrap --variant=minbase %s + %s" % (SUITE, " ".join(BASE_PACKAGES)),
+                                        "apt-get install %s; homelab.immich tests/images" % " ".join(image["packages"])]})
+    return write_image_archive(out, entries)
 
 
 def clear_work(work):
