@@ -4,13 +4,15 @@
     demo.py down    remove it
 
 With the upstream registries reachable it deploys the real Immich images (site.yml's defaults).
-Where they are not, it says so loudly and deploys the offline test images instead (PostgreSQL +
-pgvector and Valkey from Debian, contract stand-ins for the server and ML), loaded from an archive
-as an air-gapped install would.
+Where they are not (this project's test machines), it deploys offline, loaded from archives as an
+air-gapped install would: the REAL Immich server and web UI built from upstream's source
+(tests/images/server.py, the first time ~15 min, cached after), PostgreSQL + pgvector and Valkey
+from Debian, and the contract stand-in for machine learning (its models cannot be downloaded here).
 """
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,10 +24,12 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(REPO, "tests", "images"))
 
 import build as images  # noqa: E402
+import server as server_images  # noqa: E402  (tests/images/server.py)
 import vm  # noqa: E402
 
 NAME = "demo"
 BIN = os.path.dirname(sys.executable)
+# the offline test images with the contract stand-ins (bench.py measures the collection with these)
 OFFLINE_VARS = {
     "immich_image_archives": ["/mnt/test-images/homelab-immich-test-images.tar"],
     "immich_database_image": "localhost/homelab-immich-test/postgres:17-pgvector",
@@ -34,6 +38,40 @@ OFFLINE_VARS = {
     "immich_ml_image": "localhost/homelab-immich-test/immich-machine-learning:standin",
     "immich_db_vector_extension": "pgvector",
 }
+
+
+SERVER_VERSION = "3.1.0"  # the real server make demo builds and deploys offline
+
+
+def offline_vars(server_archive):
+    """OFFLINE_VARS with the real server built from upstream's source instead of its stand-in."""
+    extra = dict(OFFLINE_VARS)
+    extra["immich_image_archives"] = OFFLINE_VARS["immich_image_archives"] + [
+        "/mnt/test-images/" + os.path.basename(server_archive)]
+    extra["immich_server_image"] = images.PREFIX + "immich-server:v" + SERVER_VERSION
+    return extra
+
+
+def share_dir(archives):
+    """One directory holding ARCHIVES (hard links where the file system allows, copies otherwise),
+    shared with the VM as `images`: prepare.yml copies it onto the guest's disk."""
+    out = os.path.join(REPO, "build", "demo-images")
+    os.makedirs(out, exist_ok=True)
+    wanted = {os.path.basename(a): a for a in archives}
+    for name in os.listdir(out):
+        if name not in wanted:
+            os.unlink(os.path.join(out, name))
+    for name, path in wanted.items():
+        dest = os.path.join(out, name)
+        if os.path.exists(dest) and os.path.samefile(dest, path):
+            continue
+        if os.path.exists(dest):
+            os.unlink(dest)
+        try:
+            os.link(path, dest)
+        except OSError:
+            shutil.copy2(path, dest)
+    return out
 
 
 def registry_reachable(host="ghcr.io", port=443, timeout=5):
@@ -77,24 +115,29 @@ def playbook(state, playbook_path, extra, inventory_dir):
 
 def up():
     online = registry_reachable()
+    archive = images.build()
+    archives = [archive]
     if online:
         extra = {}
         print("demo: ghcr.io is reachable: deploying the real Immich images (%s)" % "site.yml defaults")
     else:
-        extra = dict(OFFLINE_VARS)
-        banner(["ghcr.io and docker.io are NOT reachable from here.",
-                "The demo deploys the OFFLINE TEST IMAGES instead: PostgreSQL 17 + pgvector and Valkey",
-                "from Debian, and contract STAND-INS for immich-server and immich-machine-learning",
-                "(they answer the health endpoints; there is no photo UI). On a host that reaches",
-                "ghcr.io, the same site.yml deploys the real Immich images."])
-    archive = images.build()
-    state = vm.up(NAME, forwards=[(0, 2283)], memory=4096, shares={"images": os.path.dirname(archive)})
+        server_archive = server_images.build(SERVER_VERSION)
+        archives.append(server_archive)
+        extra = offline_vars(server_archive)
+        banner(["ghcr.io and docker.io are NOT reachable from here: the demo deploys offline.",
+                "immich-server v%s (server and web UI) is built from upstream's source here;" % SERVER_VERSION,
+                "PostgreSQL 17 + pgvector and Valkey come from Debian; machine learning is a",
+                "contract STAND-IN (its models cannot be downloaded here: no smart search or faces).",
+                "The first start of the server runs its database migrations: minutes under qemu TCG."])
+    state = vm.up(NAME, forwards=[(0, 2283)], memory=4096, shares={"images": share_dir(archives)})
     with tempfile.TemporaryDirectory() as tmp:
         playbook(state, os.path.join(REPO, "molecule", "shared", "prepare.yml"), {}, tmp)
         playbook(state, os.path.join(REPO, "site.yml"), extra, tmp)
     port = [h for h, g in state["forwards"] if g == 2283][0]
     banner(["Immich is up: http://127.0.0.1:%d" % port,
-            "(%s)" % ("real Immich images" if online else "offline test images: stand-in server, no photo UI"),
+            "(%s)" % ("real Immich images" if online else
+                      "the real Immich server and web UI v%s; stand-in machine learning" % SERVER_VERSION),
+            "Open it in a browser, create the first admin user and upload photos.",
             "SSH: ssh -i %s -p %d root@127.0.0.1" % (state["identity_file"], state["port"]),
             "Tear it down with: make demo-down"])
     return 0
