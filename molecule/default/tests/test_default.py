@@ -334,6 +334,18 @@ def test_the_health_check_also_runs_as_the_startup_check(host, service):
         assert "-h 127.0.0.1" in " ".join(config["Healthcheck"]["Test"]), config["Healthcheck"]
 
 
+def test_a_stopped_server_is_inactive_not_failed(host):
+    """The server exits 143 on SIGTERM (upstream's node under tini; the stand-in does the same): the
+    unit counts that as a clean stop (SuccessExitStatus), so a stop or restart never leaves it failed."""
+    assert systemctl(host, "stop immich-server.service").rc == 0
+    try:
+        state = systemctl(host, "show -p ActiveState -p Result -p ExecMainStatus immich-server.service").stdout.split()
+        assert sorted(state) == ["ActiveState=inactive", "ExecMainStatus=143", "Result=success"], state
+    finally:
+        assert systemctl(host, "start immich-server.service").rc == 0
+    assert systemctl(host, "is-active immich-server.service").stdout.strip() == "active"
+
+
 def test_a_restart_returns_healthy_on_a_new_container(host):
     """systemctl restart returns once the new container's startup check passed (Notify=healthy)."""
     _status, before = container_state(host, "immich_redis")

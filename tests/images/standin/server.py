@@ -201,7 +201,8 @@ class Metrics(BaseHTTPRequestHandler):
 
 
 def main():
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # as upstream's server under tini: node ends on SIGTERM by the signal, tini exits 128 + 15
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     host = setting("IMMICH_HOST", "0.0.0.0")
     port = int(setting("IMMICH_PORT", "2283"))
     if setting("IMMICH_TELEMETRY_INCLUDE"):
