@@ -6,7 +6,7 @@
 With the upstream registries reachable it deploys the real Immich images (site.yml's defaults).
 Where they are not (this project's test machines), it deploys offline, loaded from archives as an
 air-gapped install would: the REAL Immich server and web UI built from upstream's source
-(tests/images/server.py, the first time ~15 min, cached after), PostgreSQL + pgvector and Valkey
+(tests/images/server.py, ~3 min the first time, cached after), PostgreSQL + pgvector and Valkey
 from Debian, and the contract stand-in for machine learning (its models cannot be downloaded here).
 """
 

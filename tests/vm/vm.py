@@ -598,7 +598,7 @@ def read_converged(directory):
         # its root disk is an overlay: a rebuilt layer under it is another disk than the one the saved
         # guest's memory (page cache, file system state) remembers, and the guest corrupts its file system
         raise SystemExit("the converged image in %s was saved over %s as it was then; that cached layer was rebuilt "
-                         "or removed since (a cold run, `make clean-cache`): run the scenario that makes it again"
+                         "or removed since (a cold run, a cleared cache): run the scenario that makes it again"
                          % (directory, facts["base"]["path"]))
     return facts
 
