@@ -130,19 +130,13 @@ def source_for(version):
     return found[version]
 
 
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def text_sha256(*paths):
+def files_sha256(*paths):
+    """One SHA-256 over the contents of PATHS, in order, read in blocks."""
     h = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as f:
-            h.update(f.read())
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -155,13 +149,13 @@ def app_recipe():
 
 def app_key(version):
     """The application layer's cache key: the source archive and the recipe that builds it."""
-    return hashlib.sha256(("%s %s" % (file_sha256(source_for(version)), app_recipe())).encode()).hexdigest()[:16]
+    return hashlib.sha256(("%s %s" % (files_sha256(source_for(version)), app_recipe())).encode()).hexdigest()[:16]
 
 
 def archive_path(version):
     """The image archive's place: its key covers the application layer's, this file and the image helpers."""
-    key = hashlib.sha256(("%s %s" % (app_key(version), text_sha256(os.path.abspath(__file__),
-                                                                   os.path.join(HERE, "build.py")))).encode())
+    recipe = files_sha256(os.path.abspath(__file__), os.path.join(HERE, "build.py"))
+    key = hashlib.sha256(("%s %s" % (app_key(version), recipe)).encode())
     return os.path.join(CACHE, "server", key.hexdigest()[:16], "%s-v%s.tar" % (NAME, version))
 
 
